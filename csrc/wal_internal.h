@@ -1,0 +1,78 @@
+/* Internal declarations shared by the C files of the WAL; not part of the API. */
+#ifndef WALSTATE_WAL_INTERNAL_H
+#define WALSTATE_WAL_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+
+#include "wal.h"
+#include "wal_format.h"
+
+#define WAL_PATH_MAX 4096
+
+static inline uint32_t get32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+static inline uint64_t get64(const uint8_t *p)
+{
+    return (uint64_t)get32(p) | (uint64_t)get32(p + 4) << 32;
+}
+static inline void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+    p[2] = (uint8_t)(v >> 16);
+    p[3] = (uint8_t)(v >> 24);
+}
+static inline void put64(uint8_t *p, uint64_t v)
+{
+    put32(p, (uint32_t)v);
+    put32(p + 4, (uint32_t)(v >> 32));
+}
+
+/* ---- wal_hooks.c: system calls through the fault-injection hooks ---- */
+/* Each returns 0 / byte count, or -errno (never sets errno for callers). */
+int h_open(const char *path, int flags, int mode);
+int h_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
+int h_pread_all(int fd, void *buf, size_t len, uint64_t off);
+int h_fdatasync(int fd);
+int h_fsync(int fd);
+int h_fallocate(int fd, uint64_t len);
+int h_rename(const char *from, const char *to);
+int h_unlink(const char *path);
+void h_killpoint(const char *name);
+void h_sync_trace(uint64_t seg_first_lsn, uint64_t offset);
+
+/* ---- wal_segment.c: naming, creation, listing, directory fsync ---- */
+typedef struct {
+    uint64_t first_lsn;
+    uint64_t system_id;
+    uint64_t nonce;
+    uint64_t segment_size;
+    uint32_t salt; /* the header's crc: seeds every record crc in the segment */
+} seg_header_t;
+
+void seg_name(char *out, size_t cap, const char *dir, uint64_t first_lsn);
+/* Parses a directory entry name; 1 and *first_lsn if it is a segment name. */
+int seg_parse_name(const char *name, uint64_t *first_lsn);
+/* Sorted first LSNs of dir's segments. *out is malloc'ed (caller frees). */
+int seg_list(const char *dir, uint64_t **out, size_t *n);
+int dir_fsync(const char *dir);
+/* Encodes a header into 64 bytes and fills h->salt. */
+void seg_encode_header(uint8_t *buf, seg_header_t *h);
+/* 0 valid, WAL_ECORRUPT / WAL_EVERSION otherwise. */
+int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h);
+/* Creates a segment atomically (tmp, preallocate, header, fdatasync, rename,
+ * dir fsync). Returns the open fd (>= 0) or a negative code. */
+int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size);
+/* Reads a whole file into a malloc'ed buffer. */
+int file_read_all(const char *path, uint8_t **buf, size_t *len);
+
+/* ---- wal_reader.c: record validation shared with the writer's open ---- */
+/* 1 if a valid record starts at buf[off] (fully inside buf[0..len)), filling rec. */
+int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec);
+
+#endif

@@ -1,0 +1,228 @@
+/* Scanning and validating the log. Every byte read from disk is untrusted:
+ * lengths are checked against the buffer before use, and how the log ends
+ * is decided in one place, classify_stop():
+ *
+ *   - the rest of the segment is zeros: the segment ends here; if it is the
+ *     last one the log ends cleanly, else reading goes on in the next
+ *     segment, whose first LSN must continue the sequence;
+ *   - otherwise, in the last segment, bytes that do not parse are a torn
+ *     tail -- unless a valid record further on says (by its synced_lsn) that
+ *     the record expected here had already been made durable: that is
+ *     corruption. A non-last segment was fdatasynced whole before the next
+ *     one was created, so garbage in it is always corruption.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "wal_internal.h"
+
+struct wal_reader {
+    char dir[WAL_PATH_MAX];
+    uint64_t system_id, from_lsn;
+    uint64_t *segs;
+    size_t nsegs, idx;
+    uint8_t *buf;
+    size_t len, off;
+    int loaded;
+    seg_header_t hdr;
+    uint64_t expected; /* LSN of the next record; 0 before the first segment */
+    wal_end_t end;
+};
+
+int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec)
+{
+    if (off > len || len - off < WAL_REC_HDR_SIZE)
+        return 0;
+    const uint8_t *p = buf + off;
+    uint32_t plen = get32(p + 4);
+    if (plen > WAL_REC_MAX_PAYLOAD || (uint64_t)plen > len - off - WAL_REC_HDR_SIZE)
+        return 0;
+    uint64_t lsn = get64(p + 8), synced = get64(p + 16);
+    if (lsn == 0 || synced >= lsn || p[24] == 0 || (p[25] | p[26] | p[27]) != 0)
+        return 0;
+    if (wal_crc32c(salt, p + 4, WAL_REC_HDR_SIZE - 4 + (size_t)plen) != get32(p))
+        return 0;
+    rec->lsn = lsn;
+    rec->synced_lsn = synced;
+    rec->type = p[24];
+    rec->len = plen;
+    rec->payload = p + WAL_REC_HDR_SIZE;
+    rec->offset = off;
+    return 1;
+}
+
+static void stop(wal_reader_t *r, int status, int rc, size_t off)
+{
+    r->end.status = status;
+    r->end.rc = rc;
+    r->end.offset = off;
+    r->end.expected_lsn = r->expected;
+    if (r->idx < r->nsegs) {
+        r->end.seg_first_lsn = r->segs[r->idx];
+        r->end.later_segments = r->nsegs - r->idx - 1;
+        seg_name(r->end.path, sizeof r->end.path, r->dir, r->segs[r->idx]);
+    }
+}
+
+/* Index of the last non-zero byte in buf[from..len) plus one, or `from` if none. */
+static size_t nonzero_end(const uint8_t *buf, size_t from, size_t len)
+{
+    size_t i = len;
+    while (i > from && buf[i - 1] == 0)
+        i--;
+    return i;
+}
+
+/* 1 if a valid record after `from` proves that LSN `expected` was durable. */
+static int durable_record_after(const wal_reader_t *r, size_t from)
+{
+    wal_record_t rec;
+    for (size_t p = from + 1; p + WAL_REC_HDR_SIZE <= r->len; p++) {
+        const uint8_t *h = r->buf + p;
+        /* cheap filters before the crc: a plausible LSN that knows `expected` durable */
+        uint64_t synced = get64(h + 16), lsn = get64(h + 8);
+        if (synced < r->expected || lsn <= synced || h[24] == 0)
+            continue;
+        if (rec_parse(r->buf, r->len, p, r->hdr.salt, &rec))
+            return 1;
+    }
+    return 0;
+}
+
+/* Reading stopped at r->off in the current segment: decide why. 1: go on with
+ * the next segment; 0: the log ended (r->end filled). */
+static int classify_stop(wal_reader_t *r)
+{
+    size_t nz = nonzero_end(r->buf, r->off, r->len);
+    int last = r->idx + 1 >= r->nsegs;
+    if (nz == r->off) {
+        if (!last)
+            return 1;
+        stop(r, WAL_END_CLEAN, 0, r->off);
+        return 0;
+    }
+    if (!last || durable_record_after(r, r->off)) {
+        stop(r, WAL_END_ERROR, WAL_ECORRUPT, r->off);
+        return 0;
+    }
+    stop(r, WAL_END_TORN, 0, r->off);
+    r->end.cut_bytes = nz - r->off;
+    return 0;
+}
+
+static int load_segment(wal_reader_t *r)
+{
+    char path[WAL_PATH_MAX + 64];
+    free(r->buf);
+    r->buf = NULL;
+    seg_name(path, sizeof path, r->dir, r->segs[r->idx]);
+    int rc = file_read_all(path, &r->buf, &r->len);
+    if (rc < 0) {
+        stop(r, WAL_END_ERROR, rc, 0);
+        return rc;
+    }
+    rc = seg_decode_header(r->buf, r->len, &r->hdr);
+    if (rc < 0) {
+        stop(r, WAL_END_ERROR, rc, 0);
+        return rc;
+    }
+    if (r->system_id && r->hdr.system_id != r->system_id) {
+        stop(r, WAL_END_ERROR, WAL_EMISMATCH, 0);
+        r->end.found_system_id = r->hdr.system_id;
+        return WAL_EMISMATCH;
+    }
+    /* a header that disagrees with its name, or a segment that does not
+     * continue the previous one (a missing or foreign segment) */
+    if (r->hdr.first_lsn != r->segs[r->idx] ||
+        (r->expected && r->hdr.first_lsn != r->expected)) {
+        stop(r, WAL_END_ERROR, WAL_ECORRUPT, 0);
+        return WAL_ECORRUPT;
+    }
+    r->expected = r->hdr.first_lsn;
+    r->off = WAL_SEG_HDR_SIZE;
+    r->loaded = 1;
+    r->end.segments++;
+    return 0;
+}
+
+int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out)
+{
+    *out = NULL;
+    if (strlen(dir) >= WAL_PATH_MAX - 64)
+        return -ENAMETOOLONG;
+    wal_reader_t *r = calloc(1, sizeof *r);
+    if (!r)
+        return -ENOMEM;
+    snprintf(r->dir, sizeof r->dir, "%s", dir);
+    r->system_id = system_id;
+    r->from_lsn = from_lsn;
+    int rc = seg_list(dir, &r->segs, &r->nsegs);
+    if (rc < 0) {
+        free(r);
+        return rc;
+    }
+    if (r->nsegs == 0) {
+        stop(r, WAL_END_CLEAN, 0, 0);
+    } else {
+        /* start at the last segment that begins at or below from_lsn */
+        size_t i = 0;
+        while (i + 1 < r->nsegs && r->segs[i + 1] <= from_lsn)
+            i++;
+        r->idx = i;
+        if (from_lsn && r->segs[i] > from_lsn) {
+            stop(r, WAL_END_ERROR, WAL_EGAP, 0);
+            r->end.expected_lsn = from_lsn;
+        }
+    }
+    *out = r;
+    return 0;
+}
+
+int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
+{
+    for (;;) {
+        if (r->end.status != WAL_END_NONE)
+            return r->end.status == WAL_END_ERROR ? r->end.rc : 0;
+        if (!r->loaded) {
+            int rc = load_segment(r);
+            if (rc < 0)
+                return rc;
+        }
+        if (rec_parse(r->buf, r->len, r->off, r->hdr.salt, rec)) {
+            if (rec->lsn != r->expected) {
+                stop(r, WAL_END_ERROR, WAL_ECORRUPT, r->off);
+                return WAL_ECORRUPT;
+            }
+            r->off += WAL_REC_HDR_SIZE + rec->len;
+            r->end.last_lsn = rec->lsn;
+            r->end.bytes += WAL_REC_HDR_SIZE + rec->len;
+            r->expected++;
+            rec->seg_first_lsn = r->hdr.first_lsn;
+            if (rec->lsn < r->from_lsn)
+                continue;
+            return 1;
+        }
+        if (!classify_stop(r))
+            return r->end.status == WAL_END_ERROR ? r->end.rc : 0;
+        r->idx++;
+        r->loaded = 0;
+    }
+}
+
+void wal_reader_end(wal_reader_t *r, wal_end_t *end)
+{
+    *end = r->end;
+    if (end->status == WAL_END_NONE)
+        end->expected_lsn = r->expected;
+}
+
+void wal_reader_close(wal_reader_t *r)
+{
+    if (!r)
+        return;
+    free(r->buf);
+    free(r->segs);
+    free(r);
+}

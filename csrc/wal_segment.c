@@ -1,0 +1,211 @@
+/* Segment files: naming, the header, atomic creation with preallocation,
+ * listing, and directory fsync. The one place that knows the layout of the
+ * WAL directory. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "wal_internal.h"
+
+void seg_name(char *out, size_t cap, const char *dir, uint64_t first_lsn)
+{
+    snprintf(out, cap, "%s/%016llx%s", dir, (unsigned long long)first_lsn, WAL_SEG_SUFFIX);
+}
+
+int seg_parse_name(const char *name, uint64_t *first_lsn)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 16; i++) {
+        char c = name[i];
+        int d;
+        if (c >= '0' && c <= '9')
+            d = c - '0';
+        else if (c >= 'a' && c <= 'f')
+            d = c - 'a' + 10;
+        else
+            return 0;
+        v = v << 4 | (uint64_t)d;
+    }
+    if (strcmp(name + 16, WAL_SEG_SUFFIX) != 0)
+        return 0;
+    *first_lsn = v;
+    return 1;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int seg_list(const char *dir, uint64_t **out, size_t *n)
+{
+    *out = NULL;
+    *n = 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return -errno;
+    size_t cap = 0, cnt = 0;
+    uint64_t *v = NULL;
+    struct dirent *e;
+    errno = 0;
+    while ((e = readdir(d)) != NULL) {
+        uint64_t lsn;
+        if (!seg_parse_name(e->d_name, &lsn))
+            continue;
+        if (cnt == cap) {
+            size_t ncap = cap ? cap * 2 : 16;
+            uint64_t *nv = realloc(v, ncap * sizeof *v);
+            if (!nv) {
+                free(v);
+                closedir(d);
+                return -ENOMEM;
+            }
+            v = nv;
+            cap = ncap;
+        }
+        v[cnt++] = lsn;
+    }
+    int err = errno;
+    closedir(d);
+    if (err) {
+        free(v);
+        return -err;
+    }
+    if (cnt)
+        qsort(v, cnt, sizeof *v, cmp_u64);
+    *out = v;
+    *n = cnt;
+    return 0;
+}
+
+int dir_fsync(const char *dir)
+{
+    int fd = h_open(dir, O_RDONLY | O_DIRECTORY, 0);
+    if (fd < 0)
+        return fd;
+    int rc = h_fsync(fd);
+    close(fd);
+    return rc;
+}
+
+void seg_encode_header(uint8_t *buf, seg_header_t *h)
+{
+    memset(buf, 0, WAL_SEG_HDR_SIZE);
+    memcpy(buf, WAL_SEG_MAGIC, WAL_SEG_MAGIC_LEN);
+    put32(buf + 8, WAL_FORMAT_VERSION);
+    put32(buf + 12, WAL_SEG_HDR_SIZE);
+    put64(buf + 16, h->system_id);
+    put64(buf + 24, h->first_lsn);
+    put64(buf + 32, h->nonce);
+    put64(buf + 40, h->segment_size);
+    h->salt = wal_crc32c(0, buf, WAL_SEG_HDR_CRC_OFF);
+    put32(buf + WAL_SEG_HDR_CRC_OFF, h->salt);
+}
+
+int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h)
+{
+    if (len < WAL_SEG_HDR_SIZE || memcmp(buf, WAL_SEG_MAGIC, WAL_SEG_MAGIC_LEN) != 0)
+        return WAL_ECORRUPT;
+    uint32_t crc = wal_crc32c(0, buf, WAL_SEG_HDR_CRC_OFF);
+    if (crc != get32(buf + WAL_SEG_HDR_CRC_OFF))
+        return WAL_ECORRUPT;
+    /* the version is checked after the crc so that garbage is not "a newer version" */
+    if (get32(buf + 8) != WAL_FORMAT_VERSION)
+        return WAL_EVERSION;
+    if (get32(buf + 12) != WAL_SEG_HDR_SIZE)
+        return WAL_ECORRUPT;
+    h->system_id = get64(buf + 16);
+    h->first_lsn = get64(buf + 24);
+    h->nonce = get64(buf + 32);
+    h->segment_size = get64(buf + 40);
+    h->salt = crc;
+    return 0;
+}
+
+static uint64_t random_nonce(void)
+{
+    uint64_t v = 0;
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, &v, sizeof v) != (ssize_t)sizeof v)
+            v = 0;
+        close(fd);
+    }
+    if (v == 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        v = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ull ^ (uint64_t)ts.tv_sec ^ (uint64_t)getpid();
+    }
+    return v;
+}
+
+int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
+{
+    char final[WAL_PATH_MAX + 64], tmp[WAL_PATH_MAX + 80];
+    uint8_t hdr[WAL_SEG_HDR_SIZE];
+    seg_name(final, sizeof final, dir, h->first_lsn);
+    snprintf(tmp, sizeof tmp, "%s.tmp", final);
+    h->nonce = random_nonce();
+    seg_encode_header(hdr, h);
+
+    /* A segment gets its final name only once its header is durable: a
+     * crash during creation leaves a *.tmp that wal_open removes, never a
+     * segment with a torn header. */
+    int fd = h_open(tmp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+        return fd;
+    int rc = h_fallocate(fd, alloc_size); /* a full disk fails here, cleanly */
+    if (rc == 0)
+        rc = h_pwrite_all(fd, hdr, sizeof hdr, 0);
+    if (rc == 0)
+        rc = h_fsync(fd); /* fsync, not fdatasync: the size is metadata */
+    h_killpoint("segment_create_before_rename");
+    if (rc == 0)
+        rc = h_rename(tmp, final);
+    if (rc == 0)
+        rc = dir_fsync(dir);
+    if (rc < 0) {
+        close(fd);
+        unlink(tmp); /* best effort; wal_open removes leftovers too */
+        return rc;
+    }
+    h_killpoint("segment_create_after_rename");
+    return fd;
+}
+
+int file_read_all(const char *path, uint8_t **buf, size_t *len)
+{
+    *buf = NULL;
+    *len = 0;
+    int fd = h_open(path, O_RDONLY, 0);
+    if (fd < 0)
+        return fd;
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+        int e = -errno;
+        close(fd);
+        return e;
+    }
+    size_t n = (size_t)st.st_size;
+    uint8_t *b = malloc(n ? n : 1);
+    if (!b) {
+        close(fd);
+        return -ENOMEM;
+    }
+    int rc = n ? h_pread_all(fd, b, n, 0) : 0;
+    close(fd);
+    if (rc < 0) {
+        free(b);
+        return rc;
+    }
+    *buf = b;
+    *len = n;
+    return 0;
+}

@@ -1,0 +1,530 @@
+/* Appending: records are encoded into a user-space buffer under the handle's
+ * mutex; whoever needs the bytes on disk becomes the one I/O owner
+ * (io_busy), swaps the buffer out, and writes (and fdatasyncs) with the
+ * mutex released while others keep appending into the other buffer. Every
+ * thread waiting for durability sleeps on one condition variable; a single
+ * fdatasync covers every record written before it started (group commit).
+ *
+ * Failure policy (PostgreSQL's fsyncgate lesson): a failed write or
+ * fdatasync poisons the handle. The page cache may have dropped the dirty
+ * pages, so retrying the fsync could "succeed" over lost data: nothing is
+ * acknowledged any more until the log is reopened and re-read from disk.
+ * The one clean failure is ENOSPC (or any error) while creating a segment:
+ * the old segment is complete and synced, no byte of the record was written.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "wal_internal.h"
+
+struct wal {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    char dir[WAL_PATH_MAX];
+    uint64_t system_id, segment_size;
+    int fd;              /* current segment */
+    seg_header_t hdr;    /* of the current segment */
+    uint64_t seg_alloc;  /* its size on disk (preallocated) */
+    uint64_t file_off;   /* where buf[0] lands in it */
+    uint8_t *buf, *spare;
+    size_t buf_len, buf_cap, spare_cap;
+    int io_busy;         /* one thread writes/syncs at a time, mutex released */
+    int poisoned;
+    uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
+    uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
+    uint64_t fsync_ns_total, fsync_ns_max, fsync_hist[WAL_FSYNC_BUCKETS];
+};
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static void note_fsync(wal_t *w, uint64_t ns)
+{
+    uint64_t us = ns / 1000;
+    int b = 0;
+    while (us > 1 && b < WAL_FSYNC_BUCKETS - 1) {
+        us >>= 1;
+        b++;
+    }
+    w->fsync_hist[b]++;
+    w->fsync_ns_total += ns;
+    if (ns > w->fsync_ns_max)
+        w->fsync_ns_max = ns;
+    w->fsyncs++;
+}
+
+/* Requires mu. Records the first failure; later calls see WAL_EPOISONED. */
+static void poison(wal_t *w, int rc)
+{
+    if (!w->poisoned)
+        w->poisoned = rc;
+}
+
+/* Requires mu (released while waiting and during I/O). Writes the buffer
+ * and, with do_sync, fdatasyncs: afterwards everything appended before the
+ * call is written (and durable). Returns 0 or the error (poisoning). */
+static int io_locked(wal_t *w, int do_sync)
+{
+    while (w->io_busy)
+        pthread_cond_wait(&w->cv, &w->mu);
+    if (w->poisoned)
+        return WAL_EPOISONED;
+    uint64_t target = w->next_lsn - 1;
+    size_t len = w->buf_len, cap = w->buf_cap;
+    if (len == 0 && (!do_sync || w->durable_lsn >= target))
+        return 0;
+    uint8_t *data = w->buf;
+    uint64_t off = w->file_off;
+    int fd = w->fd;
+    uint64_t seg = w->hdr.first_lsn;
+    w->buf = w->spare;
+    w->buf_cap = w->spare_cap;
+    w->buf_len = 0;
+    w->spare = NULL;
+    w->spare_cap = 0;
+    w->file_off += len;
+    w->io_busy = 1;
+    pthread_mutex_unlock(&w->mu);
+
+    int rc = 0;
+    uint64_t ns = 0;
+    if (len) {
+        rc = h_pwrite_all(fd, data, len, off);
+        h_killpoint("append_after_write");
+    }
+    if (rc == 0 && do_sync) {
+        uint64_t t0 = now_ns();
+        rc = h_fdatasync(fd);
+        ns = now_ns() - t0;
+        if (rc == 0)
+            h_sync_trace(seg, off + len);
+        h_killpoint("append_after_fdatasync");
+    }
+
+    pthread_mutex_lock(&w->mu);
+    w->spare = data;
+    w->spare_cap = cap;
+    w->io_busy = 0;
+    if (rc) {
+        poison(w, rc);
+    } else {
+        if (len)
+            w->writes++;
+        w->written_lsn = target;
+        if (do_sync) {
+            w->durable_lsn = target;
+            w->seg_synced = off + len;
+            note_fsync(w, ns);
+        }
+    }
+    pthread_cond_broadcast(&w->cv);
+    return rc;
+}
+
+/* Requires mu, held throughout (rotation is rare). Completes and syncs the
+ * current segment -- a reader treats a segment followed by another as whole
+ * -- then creates the next, large enough for a record of `need` bytes. */
+static int rotate_locked(wal_t *w, uint64_t need)
+{
+    while (w->io_busy)
+        pthread_cond_wait(&w->cv, &w->mu);
+    if (w->poisoned)
+        return WAL_EPOISONED;
+    w->io_busy = 1;
+    int rc = 0;
+    if (w->buf_len)
+        rc = h_pwrite_all(w->fd, w->buf, w->buf_len, w->file_off);
+    if (rc == 0 && w->seg_synced < w->file_off + w->buf_len) {
+        uint64_t t0 = now_ns();
+        rc = h_fdatasync(w->fd);
+        if (rc == 0) {
+            note_fsync(w, now_ns() - t0);
+            h_sync_trace(w->hdr.first_lsn, w->file_off + w->buf_len);
+        }
+    }
+    if (rc) {
+        poison(w, rc);
+        w->io_busy = 0;
+        pthread_cond_broadcast(&w->cv);
+        return rc;
+    }
+    w->file_off += w->buf_len;
+    if (w->buf_len)
+        w->writes++;
+    w->buf_len = 0;
+    w->written_lsn = w->durable_lsn = w->next_lsn - 1;
+    w->seg_synced = w->file_off;
+    h_killpoint("rotate_after_sync");
+
+    seg_header_t h = {.first_lsn = w->next_lsn, .system_id = w->system_id,
+                      .segment_size = w->segment_size};
+    uint64_t alloc = w->segment_size;
+    if (WAL_SEG_HDR_SIZE + need > alloc)
+        alloc = WAL_SEG_HDR_SIZE + need; /* one oversized segment holds a huge record */
+    int fd = seg_create(w->dir, &h, alloc);
+    w->io_busy = 0;
+    pthread_cond_broadcast(&w->cv);
+    if (fd < 0)
+        return fd; /* not poisoned: the old segment is whole and synced */
+    close(w->fd);
+    w->fd = fd;
+    w->hdr = h;
+    w->seg_alloc = alloc;
+    w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
+    w->segments_created++;
+    h_killpoint("rotate_after_create");
+    return 0;
+}
+
+struct piece {
+    const void *p;
+    size_t n;
+};
+
+static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int npc,
+                         uint64_t *lsn_out)
+{
+    size_t plen = 0;
+    for (int i = 0; i < npc; i++) {
+        if (pc[i].n && !pc[i].p)
+            return WAL_EINVAL;
+        plen += pc[i].n;
+        if (plen > WAL_REC_MAX_PAYLOAD)
+            return WAL_ETOOBIG;
+    }
+    if (type == 0 || type > 255)
+        return WAL_EINVAL;
+    size_t need = WAL_REC_HDR_SIZE + plen;
+    int rc = 0;
+    pthread_mutex_lock(&w->mu);
+    for (;;) {
+        if (w->poisoned) {
+            rc = WAL_EPOISONED;
+            break;
+        }
+        if (w->file_off + w->buf_len + need > w->seg_alloc) {
+            if ((rc = rotate_locked(w, need)) != 0)
+                break;
+            continue;
+        }
+        if (w->buf_len && w->buf_len + need > w->buf_cap) {
+            if ((rc = io_locked(w, 0)) != 0)
+                break;
+            continue;
+        }
+        break;
+    }
+    if (rc == 0 && need > w->buf_cap) {
+        uint8_t *nb = realloc(w->buf, need);
+        if (!nb)
+            rc = -ENOMEM;
+        else {
+            w->buf = nb;
+            w->buf_cap = need;
+        }
+    }
+    if (rc) {
+        pthread_mutex_unlock(&w->mu);
+        return rc;
+    }
+    uint8_t *r = w->buf + w->buf_len;
+    uint64_t lsn = w->next_lsn++;
+    put32(r + 4, (uint32_t)plen);
+    put64(r + 8, lsn);
+    put64(r + 16, w->durable_lsn);
+    r[24] = (uint8_t)type;
+    r[25] = r[26] = r[27] = 0;
+    uint8_t *q = r + WAL_REC_HDR_SIZE;
+    for (int i = 0; i < npc; i++) {
+        if (pc[i].n)
+            memcpy(q, pc[i].p, pc[i].n);
+        q += pc[i].n;
+    }
+    put32(r, wal_crc32c(w->hdr.salt, r + 4, need - 4));
+    w->buf_len += need;
+    w->appends++;
+    w->bytes_appended += need;
+    pthread_mutex_unlock(&w->mu);
+    *lsn_out = lsn;
+    return 0;
+}
+
+int wal_append(wal_t *w, unsigned type, const void *a, size_t alen, const void *b, size_t blen,
+               uint64_t *lsn_out)
+{
+    struct piece pc[2] = {{a, alen}, {b, blen}};
+    return append_pieces(w, type, pc, 2, lsn_out);
+}
+
+int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
+            uint64_t *lsn_out)
+{
+    if (klen == 0 || klen > 0xffff)
+        return WAL_EINVAL;
+    uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
+    struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
+    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out);
+}
+
+int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
+{
+    int rc = 0;
+    pthread_mutex_lock(&w->mu);
+    if (lsn == 0 || lsn >= w->next_lsn)
+        lsn = w->next_lsn - 1;
+    while (w->durable_lsn < lsn) {
+        if (w->poisoned) {
+            rc = WAL_EPOISONED;
+            break;
+        }
+        if (w->io_busy) {
+            pthread_cond_wait(&w->cv, &w->mu);
+            continue;
+        }
+        if ((rc = io_locked(w, 1)) != 0)
+            break;
+    }
+    if (durable_out)
+        *durable_out = w->durable_lsn;
+    pthread_mutex_unlock(&w->mu);
+    return rc;
+}
+
+int wal_flush(wal_t *w)
+{
+    pthread_mutex_lock(&w->mu);
+    int rc = io_locked(w, 0);
+    pthread_mutex_unlock(&w->mu);
+    return rc;
+}
+
+void wal_get_stats(wal_t *w, wal_stats_t *st)
+{
+    pthread_mutex_lock(&w->mu);
+    memset(st, 0, sizeof *st);
+    st->next_lsn = w->next_lsn;
+    st->written_lsn = w->written_lsn;
+    st->durable_lsn = w->durable_lsn;
+    st->appends = w->appends;
+    st->bytes_appended = w->bytes_appended;
+    st->fsyncs = w->fsyncs;
+    st->writes = w->writes;
+    st->segments_created = w->segments_created;
+    st->seg_first_lsn = w->hdr.first_lsn;
+    st->seg_end = w->file_off + w->buf_len;
+    st->seg_synced = w->seg_synced;
+    st->fsync_ns_total = w->fsync_ns_total;
+    st->fsync_ns_max = w->fsync_ns_max;
+    memcpy(st->fsync_hist, w->fsync_hist, sizeof st->fsync_hist);
+    st->poisoned = w->poisoned;
+    pthread_mutex_unlock(&w->mu);
+}
+
+int wal_remove_below(wal_t *w, uint64_t lsn, uint64_t *bytes_removed, uint64_t *segs_removed)
+{
+    *bytes_removed = *segs_removed = 0;
+    pthread_mutex_lock(&w->mu);
+    uint64_t cur = w->hdr.first_lsn;
+    pthread_mutex_unlock(&w->mu);
+    uint64_t *segs;
+    size_t n;
+    int rc = seg_list(w->dir, &segs, &n);
+    if (rc < 0)
+        return rc;
+    /* Oldest first, so that a crash half-way leaves a contiguous log. Segment i
+     * holds LSNs below segs[i+1]; the current segment is never removed. */
+    for (size_t i = 0; i + 1 < n && segs[i] < cur && segs[i + 1] <= lsn + 1; i++) {
+        char path[WAL_PATH_MAX + 64];
+        struct stat st;
+        seg_name(path, sizeof path, w->dir, segs[i]);
+        uint64_t size = stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
+        h_killpoint("remove_before_unlink");
+        if ((rc = h_unlink(path)) < 0)
+            break;
+        *bytes_removed += size;
+        (*segs_removed)++;
+    }
+    free(segs);
+    if (*segs_removed) {
+        int rc2 = dir_fsync(w->dir);
+        if (rc == 0)
+            rc = rc2;
+        h_killpoint("remove_after_fsync");
+    }
+    return rc;
+}
+
+/* Removes *.tmp left by a crash during segment creation. */
+static int remove_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -errno;
+    struct dirent *e;
+    int removed = 0, rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        uint64_t lsn;
+        if (n == WAL_SEG_NAME_LEN + 4 && strcmp(e->d_name + WAL_SEG_NAME_LEN, ".tmp") == 0) {
+            char name[WAL_SEG_NAME_LEN + 1];
+            memcpy(name, e->d_name, WAL_SEG_NAME_LEN);
+            name[WAL_SEG_NAME_LEN] = 0;
+            if (!seg_parse_name(name, &lsn))
+                continue;
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+        }
+    }
+    closedir(d);
+    if (rc == 0 && removed)
+        rc = dir_fsync(dir);
+    return rc;
+}
+
+/* Requires the last segment loaded in buf: finds where its records end. */
+static int find_end(const uint8_t *buf, size_t len, const seg_header_t *h, uint64_t *next_lsn,
+                    size_t *end)
+{
+    wal_record_t rec;
+    size_t off = WAL_SEG_HDR_SIZE;
+    uint64_t expected = h->first_lsn;
+    while (rec_parse(buf, len, off, h->salt, &rec) && rec.lsn == expected) {
+        off += WAL_REC_HDR_SIZE + rec.len;
+        expected++;
+    }
+    for (size_t i = off; i < len; i++)
+        if (buf[i])
+            return WAL_ETORN;
+    *next_lsn = expected;
+    *end = off;
+    return 0;
+}
+
+static int open_last(wal_t *w, uint64_t first_lsn)
+{
+    char path[WAL_PATH_MAX + 64];
+    uint8_t *buf;
+    size_t len, end = 0;
+    uint64_t next = 0;
+    seg_name(path, sizeof path, w->dir, first_lsn);
+    int rc = file_read_all(path, &buf, &len);
+    if (rc < 0)
+        return rc;
+    rc = seg_decode_header(buf, len, &w->hdr);
+    if (rc == 0 && w->hdr.system_id != w->system_id)
+        rc = WAL_EMISMATCH;
+    if (rc == 0 && w->hdr.first_lsn != first_lsn)
+        rc = WAL_ECORRUPT;
+    if (rc == 0)
+        rc = find_end(buf, len, &w->hdr, &next, &end);
+    free(buf);
+    if (rc < 0)
+        return rc;
+    int fd = h_open(path, O_RDWR, 0);
+    if (fd < 0)
+        return fd;
+    /* what a killed process left in the page cache becomes durable now */
+    if ((rc = h_fdatasync(fd)) < 0) {
+        close(fd);
+        return rc;
+    }
+    w->fd = fd;
+    w->seg_alloc = len;
+    w->file_off = w->seg_synced = end;
+    w->next_lsn = next;
+    return 0;
+}
+
+int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
+{
+    *out = NULL;
+    if (!opt || opt->segment_size < 4096 || opt->buffer_size < 4096 ||
+        opt->segment_size > (1ull << 40) || opt->buffer_size > (1ull << 30))
+        return WAL_EINVAL;
+    if (strlen(dir) >= WAL_PATH_MAX - 64)
+        return -ENAMETOOLONG;
+    wal_t *w = calloc(1, sizeof *w);
+    if (!w)
+        return -ENOMEM;
+    snprintf(w->dir, sizeof w->dir, "%s", dir);
+    w->system_id = opt->system_id;
+    w->segment_size = opt->segment_size;
+    w->fd = -1;
+    w->buf_cap = w->spare_cap = (size_t)opt->buffer_size;
+    w->buf = malloc(w->buf_cap);
+    w->spare = malloc(w->spare_cap);
+    uint64_t *segs = NULL;
+    size_t n = 0;
+    int rc = (!w->buf || !w->spare) ? -ENOMEM : remove_tmp(dir);
+    if (rc == 0)
+        rc = seg_list(dir, &segs, &n);
+    if (rc == 0 && n > 0)
+        rc = open_last(w, segs[n - 1]);
+    free(segs);
+    uint64_t min_next = opt->min_next_lsn ? opt->min_next_lsn : 1;
+    if (rc == 0 && (n == 0 || w->next_lsn < min_next)) {
+        /* no log yet, or the snapshot is ahead of it: start a segment at min_next */
+        w->next_lsn = min_next; /* LSNs below it are in the snapshot: never reissued */
+        seg_header_t h = {.first_lsn = w->next_lsn, .system_id = w->system_id,
+                          .segment_size = w->segment_size};
+        int fd = seg_create(dir, &h, w->segment_size);
+        if (fd < 0) {
+            rc = fd;
+        } else {
+            if (w->fd >= 0)
+                close(w->fd);
+            w->fd = fd;
+            w->hdr = h;
+            w->seg_alloc = w->segment_size;
+            w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
+            w->segments_created++;
+        }
+    }
+    if (rc < 0) {
+        if (w->fd >= 0)
+            close(w->fd);
+        free(w->buf);
+        free(w->spare);
+        free(w);
+        return rc;
+    }
+    w->written_lsn = w->durable_lsn = w->next_lsn - 1;
+    pthread_mutex_init(&w->mu, NULL);
+    pthread_cond_init(&w->cv, NULL);
+    *out = w;
+    return 0;
+}
+
+int wal_close(wal_t *w)
+{
+    if (!w)
+        return 0;
+    pthread_mutex_lock(&w->mu);
+    int rc = w->poisoned ? WAL_EPOISONED : 0;
+    while (rc == 0 && (w->buf_len || w->durable_lsn < w->next_lsn - 1))
+        rc = io_locked(w, 1);
+    pthread_mutex_unlock(&w->mu);
+    if (w->fd >= 0)
+        close(w->fd);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w->buf);
+    free(w->spare);
+    free(w);
+    return rc;
+}

@@ -1,0 +1,80 @@
+"""Engine options: the frozen ``Config`` dataclass and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+MiB = 1024 * 1024
+SYNC_MODES = ("always", "interval", "none")
+RECOVERY_MODES = ("tolerate_tail", "strict", "point_in_time")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Options of :func:`walstate.open`; see CONTRACT.md / README for meanings."""
+
+    sync: str = "always"
+    sync_interval: float = 1.0
+    checkpoint_timeout: float = 300.0
+    max_wal_size: int = 256 * MiB
+    checkpoint_completion_target: float = 0.9
+    segment_size: int = 16 * MiB
+    recovery: str = "tolerate_tail"
+    read_only: bool = False
+    map_size: int = 1024 * MiB
+    max_recovery_seconds: float | None = None
+    wal_buffer_size: int = 1 * MiB
+
+    def __post_init__(self) -> None:
+        _check_choice("sync", self.sync, SYNC_MODES)
+        _check_choice("recovery", self.recovery, RECOVERY_MODES)
+        _check_number("sync_interval", self.sync_interval, low=0.001)
+        _check_number("checkpoint_timeout", self.checkpoint_timeout, low=0.001)
+        _check_int("max_wal_size", self.max_wal_size, low=64 * 1024)
+        _check_number("checkpoint_completion_target", self.checkpoint_completion_target,
+                      low=0.0, high=1.0)
+        _check_int("segment_size", self.segment_size, low=64 * 1024, high=1 << 40)
+        if not isinstance(self.read_only, bool):
+            raise ConfigError("read_only", f"must be a bool, not {self.read_only!r}")
+        _check_int("map_size", self.map_size, low=1 * MiB)
+        if self.max_recovery_seconds is not None:
+            _check_number("max_recovery_seconds", self.max_recovery_seconds, low=0.001)
+        _check_int("wal_buffer_size", self.wal_buffer_size, low=4096, high=1 << 30)
+
+    @classmethod
+    def from_options(cls, config: Config | None, options: dict[str, object]) -> Config:
+        """Build a Config from ``config`` and/or keyword options; unknown names are errors."""
+        names = {f.name for f in fields(cls)}
+        for name in options:
+            if name not in names:
+                raise ConfigError(name, "unknown option")
+        if config is None:
+            return cls(**options)  # type: ignore[arg-type]
+        if not isinstance(config, Config):
+            raise ConfigError("config", f"must be a walstate.Config, not {type(config).__name__}")
+        return dataclasses.replace(config, **options) if options else config
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+
+
+def _check_number(name: str, value: object, low: float | None = None,
+                  high: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(name, f"must be a finite number, not {value!r}")
+    if low is not None and value < low:
+        raise ConfigError(name, f"must be >= {low}, not {value!r}")
+    if high is not None and value > high:
+        raise ConfigError(name, f"must be <= {high}, not {value!r}")
+
+
+def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(name, f"must be an int, not {value!r}")
+    _check_number(name, value, low, high)
