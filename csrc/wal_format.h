@@ -7,7 +7,8 @@
  *   seg_header (64 bytes, little endian):
  *     0  magic "WALSTSEG"     8  version u32     12 header_size u32 (=64)
  *     16 system_id u64        24 first_lsn u64   32 nonce u64 (random)
- *     40 segment_size u64     48 reserved[12]=0  60 crc32c(bytes 0..60) u32
+ *     40 segment_size u64     48 prev_lsn u64 (last LSN before this segment)
+ *     56 reserved[4]=0        60 crc32c(bytes 0..60) u32
  *   record (28-byte header + payload, packed, no alignment):
  *     0  crc u32  = crc32c(bytes 4..28 || payload), seeded with the segment
  *                   header's crc (the "salt": binds the record to its segment)

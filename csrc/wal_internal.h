@@ -49,6 +49,7 @@ void h_sync_trace(uint64_t seg_first_lsn, uint64_t offset);
 /* ---- wal_segment.c: naming, creation, listing, directory fsync ---- */
 typedef struct {
     uint64_t first_lsn;
+    uint64_t prev_lsn; /* LSN of the last record before this segment (continuity) */
     uint64_t system_id;
     uint64_t nonce;
     uint64_t segment_size;

@@ -134,9 +134,11 @@ static int load_segment(wal_reader_t *r)
         return WAL_EMISMATCH;
     }
     /* a header that disagrees with its name, or a segment that does not
-     * continue the previous one (a missing or foreign segment) */
+     * continue the previous one (a missing or foreign segment). LSNs may jump
+     * forward at a segment boundary (after a crash the writer skips the LSNs
+     * a lost buffer may have handed out); prev_lsn says where it continues. */
     if (r->hdr.first_lsn != r->segs[r->idx] ||
-        (r->expected && r->hdr.first_lsn != r->expected)) {
+        (r->expected && r->hdr.prev_lsn != r->expected - 1)) {
         stop(r, WAL_END_ERROR, WAL_ECORRUPT, 0);
         return WAL_ECORRUPT;
     }

@@ -105,6 +105,7 @@ void seg_encode_header(uint8_t *buf, seg_header_t *h)
     put64(buf + 24, h->first_lsn);
     put64(buf + 32, h->nonce);
     put64(buf + 40, h->segment_size);
+    put64(buf + 48, h->prev_lsn);
     h->salt = wal_crc32c(0, buf, WAL_SEG_HDR_CRC_OFF);
     put32(buf + WAL_SEG_HDR_CRC_OFF, h->salt);
 }
@@ -125,7 +126,10 @@ int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h)
     h->first_lsn = get64(buf + 24);
     h->nonce = get64(buf + 32);
     h->segment_size = get64(buf + 40);
+    h->prev_lsn = get64(buf + 48);
     h->salt = crc;
+    if (h->first_lsn == 0 || h->prev_lsn >= h->first_lsn)
+        return WAL_ECORRUPT;
     return 0;
 }
 

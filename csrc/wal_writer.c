@@ -168,8 +168,8 @@ static int rotate_locked(wal_t *w, uint64_t need)
     w->seg_synced = w->file_off;
     h_killpoint("rotate_after_sync");
 
-    seg_header_t h = {.first_lsn = w->next_lsn, .system_id = w->system_id,
-                      .segment_size = w->segment_size};
+    seg_header_t h = {.first_lsn = w->next_lsn, .prev_lsn = w->next_lsn - 1,
+                      .system_id = w->system_id, .segment_size = w->segment_size};
     uint64_t alloc = w->segment_size;
     if (WAL_SEG_HDR_SIZE + need > alloc)
         alloc = WAL_SEG_HDR_SIZE + need; /* one oversized segment holds a huge record */
@@ -479,9 +479,12 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     uint64_t min_next = opt->min_next_lsn ? opt->min_next_lsn : 1;
     if (rc == 0 && (n == 0 || w->next_lsn < min_next)) {
         /* no log yet, or the snapshot is ahead of it: start a segment at min_next */
-        w->next_lsn = min_next; /* LSNs below it are in the snapshot: never reissued */
-        seg_header_t h = {.first_lsn = w->next_lsn, .system_id = w->system_id,
-                          .segment_size = w->segment_size};
+        /* LSNs below min_next are in the snapshot or were handed out before a
+         * crash: never reissued. The segment records where the log left off. */
+        uint64_t prev = n == 0 ? min_next - 1 : w->next_lsn - 1;
+        w->next_lsn = min_next;
+        seg_header_t h = {.first_lsn = w->next_lsn, .prev_lsn = prev,
+                          .system_id = w->system_id, .segment_size = w->segment_size};
         int fd = seg_create(dir, &h, w->segment_size);
         if (fd < 0) {
             rc = fd;

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -353,7 +352,7 @@ def test_store_ignores_and_keeps_other_keys(db, tasks):
 
 def test_list_rejects_a_non_status(tasks):
     with pytest.raises(TypeError):
-        list(tasks.list(status="PENDING"))
+        tasks.list(status="PENDING")
 
 
 # -- recover ----------------------------------------------------------------------
@@ -497,7 +496,7 @@ CHILD = textwrap.dedent(
 
 
 def model(events):
-    """The task states after ``events`` and then recover(): id -> (status, attempts, payload, error)."""
+    """Task states after ``events``, then recover(): id -> (status, attempts, payload, error)."""
     states = {}
     for kind, tid, arg in events:
         status, attempts, payload, error = states.get(tid, (None, 0, b"", None))
@@ -531,7 +530,11 @@ def test_sigkill_then_recover_restores_every_acknowledged_running_task(tmp_path,
             lines.append(line)
     finally:
         proc.send_signal(signal.SIGKILL)
-        rest, _ = proc.communicate()
+        # Not communicate(): it would skip what readline() already buffered.
+        rest = proc.stdout.read()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     # Everything the child wrote before it died was acknowledged before it died.
     lines += [line for line in rest.splitlines(keepends=True) if line.endswith(b"\n")]

@@ -219,12 +219,16 @@ class TaskStore:
         after its page was read is skipped when filtering.
         """
         if status is None:
-            for key, raw in self._scan(_RECORDS):
-                task_id = key[len(_RECORDS):].decode("utf-8")
-                yield _decode(task_id, raw)
-            return
+            return self._list_all()
         if not isinstance(status, Status):
-            raise TypeError(f"status must be a Status, not {type(status).__name__}")
+            raise TypeError(f"status must be a Status or None, not {type(status).__name__}")
+        return self._list_status(status)
+
+    def _list_all(self) -> Iterator[TaskState]:
+        for key, raw in self._scan(_RECORDS):
+            yield _decode(key[len(_RECORDS):].decode("utf-8"), raw)
+
+    def _list_status(self, status: Status) -> Iterator[TaskState]:
         prefix = _INDEX + bytes((_CODE[status],))
         for key, _ in self._scan(prefix):
             task_id = key[len(prefix):].decode("utf-8")
@@ -238,10 +242,16 @@ class TaskStore:
         start, stop = prefix, _prefix_end(prefix)
         while True:
             page = []
-            for key, value in self._db.items(start, stop):
-                page.append((bytes(key), value))
-                if len(page) == _PAGE:
-                    break
+            rows = self._db.items(start, stop)
+            try:
+                for key, value in rows:
+                    page.append((bytes(key), value))
+                    if len(page) == _PAGE:
+                        break
+            finally:
+                close = getattr(rows, "close", None)  # end its read transaction now
+                if close is not None:
+                    close()
             yield from page
             if len(page) < _PAGE:
                 return

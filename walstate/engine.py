@@ -1,0 +1,591 @@
+"""The Engine: ties the WAL, the in-memory table, checkpoints and recovery
+together. Writes go to the WAL first, then to the in-memory table of changes
+since the last checkpoint; reads look there, then in the LMDB snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from . import _testing, codec
+from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
+from .config import Config
+from .errors import (
+    ClosedError,
+    CorruptionError,
+    EngineFailedError,
+    MismatchError,
+    ReadOnlyError,
+    WalStateError,
+)
+from .layout import (
+    FORMAT_VERSION,
+    DirLock,
+    Layout,
+    check_access,
+    fsync_dir,
+    make_dirs,
+    read_marker,
+    write_marker,
+)
+from .recovery import replay
+from .snapshot import META_CHECKPOINT, Snapshot
+from .wal import Wal, WalReader, list_segments
+
+log = logging.getLogger("walstate")
+
+_MISSING = object()
+REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
+# After an unclean shutdown, LSNs restart this far above the last one on disk:
+# a put under sync="none"/"interval" may have returned an LSN that the crash
+# lost, and LSNs are never reused.
+LSN_SKIP_AFTER_CRASH = 1 << 32
+
+
+class Batch:
+    """Operations committed as one WAL record when the ``with`` block exits
+    without an exception; nothing is visible before. ``lsn`` is set after exit
+    (None for an empty batch)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._ops: list[tuple[bytes, bytes | None]] = []
+        self._size = 4
+        self._done = False
+        self.lsn: int | None = None
+
+    def _add(self, key: bytes, value: bytes | None) -> None:
+        if self._done:
+            raise ClosedError("this batch has already been committed or discarded")
+        self._size += 7 + len(key) + (len(value) if value is not None else 0)
+        if self._size > codec.MAX_RECORD:
+            raise ValueError(f"batch larger than the {codec.MAX_RECORD} byte record limit")
+        self._ops.append((key, value))
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self._add(codec.as_key(key), codec.as_value(value))
+
+    def delete(self, key: bytes) -> None:
+        self._add(codec.as_key(key), None)
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self._done:
+            return
+        self._done = True
+        if exc_type is None and self._ops:
+            self.lsn = self._engine._commit_batch(self._ops)
+        self._ops = []
+
+
+class Engine:
+    """An open walstate directory. Use :func:`walstate.open` to get one.
+
+    Thread-safe. Every write is appended to the WAL before it is applied;
+    under ``sync="always"`` it returns only once durable.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: Config,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.path = os.path.abspath(os.fspath(path))
+        self.config = config
+        self._layout = Layout(self.path)
+        self._clock = clock or time.monotonic
+        self._lock = threading.Lock()        # orders WAL appends with table updates
+        self._close_mu = threading.Lock()
+        self._closed = False
+        self._failed: BaseException | None = None
+        self._dirlock: DirLock | None = None
+        self._wal: Wal | None = None
+        self._snapshot: Snapshot | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._flusher: threading.Thread | None = None
+        self._flusher_stop = threading.Event()
+        self._active: dict[bytes, bytes | None] = {}
+        self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
+        self._last_lsn = 0
+        self._puts = self._deletes = self._batches = 0
+        self._wal_bytes = 0          # record bytes appended since open
+        self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
+        try:
+            self._open()
+        except BaseException:
+            self._teardown()
+            raise
+
+    # ---- opening -----------------------------------------------------------
+    def _open(self) -> None:
+        cfg, lay = self.config, self._layout
+        ro = cfg.read_only
+        if ro:
+            if not os.path.isdir(self.path):
+                raise FileNotFoundError(2, "no walstate directory (read-only open creates "
+                                        "nothing)", self.path)
+            check_access([self.path, lay.marker, lay.wal, lay.snapshot,
+                          os.path.join(lay.snapshot, "data.mdb")], write=False)
+        else:
+            if os.path.isdir(self.path):
+                check_access([self.path, lay.lock, lay.marker, lay.wal, lay.snapshot,
+                              os.path.join(lay.snapshot, "data.mdb"),
+                              os.path.join(lay.snapshot, "lock.mdb")], write=True)
+            make_dirs(self.path)
+            self._dirlock = DirLock(lay)
+        marker = read_marker(lay)
+        if marker is None:
+            if ro:
+                raise CorruptionError(f"{self.path} is not a walstate directory (no "
+                                      f"{lay.marker})", path=lay.marker)
+            marker = self._initialize()
+        if marker["format_version"] != FORMAT_VERSION:
+            raise MismatchError(f"{self.path} has format version {marker['format_version']}; "
+                                f"this walstate reads version {FORMAT_VERSION}")
+        self.system_id = int(marker["system_id"])
+        if self._snapshot is None:
+            self._snapshot = Snapshot(lay.snapshot, map_size=cfg.map_size, read_only=ro,
+                                      create=False)
+        meta = self._snapshot.check_meta(self.system_id)
+        snap_lsn = int(meta["lsn"])
+        if not os.path.isdir(lay.wal):
+            raise CorruptionError(f"the WAL directory {lay.wal} is missing", path=lay.wal)
+        rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
+                     mode=cfg.recovery, read_only=ro)
+        _testing.hit("recovery_after_replay")
+        self._recovery = rec.report
+        self._active = rec.table
+        self._last_lsn = rec.last_lsn
+        clean = rec.report["clean_shutdown"] or rec.last_lsn == snap_lsn
+        last = CheckpointInfo.from_meta(meta)
+        if not ro:
+            skip = 0 if clean else LSN_SKIP_AFTER_CRASH
+            self._wal = Wal(lay.wal, system_id=self.system_id, segment_size=cfg.segment_size,
+                            buffer_size=cfg.wal_buffer_size,
+                            min_next_lsn=rec.last_lsn + 1 + skip)
+            self._last_lsn = self._wal.stats()["next_lsn"] - 1
+        self._checkpointer = Checkpointer(
+            self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
+            clock=self._clock, last=last, last_lsn=snap_lsn)
+        secs = rec.report["seconds"]
+        if rec.report["bytes_replayed"] > 1 << 20 and secs > 0:
+            self._checkpointer.replay_rate = rec.report["bytes_replayed"] / secs
+        if ro:
+            return
+        if self._active or rec.report["truncated_bytes"]:
+            self._checkpointer.run("recovery")
+        self._checkpointer.start()
+        if cfg.sync == "interval":
+            self._flusher = threading.Thread(target=self._flush_loop, name="walstate-flusher",
+                                             daemon=True)
+            self._flusher.start()
+
+    def _initialize(self) -> dict:
+        """Creates a new data directory (the marker last, atomically)."""
+        lay = self._layout
+        leftovers = [p for p in (lay.wal, lay.snapshot) if os.path.exists(p)]
+        if leftovers:
+            self._check_interrupted_init()
+        system_id = (int.from_bytes(os.urandom(8), "little") >> 1) | 1
+        make_dirs(lay.snapshot)
+        snap = Snapshot(lay.snapshot, map_size=self.config.map_size, read_only=False,
+                        create=True)
+        self._snapshot = snap
+        snap.write([], {META_CHECKPOINT: {
+            "format_version": FORMAT_VERSION, "system_id": system_id, "id": 0, "lsn": 0,
+            "reason": "init", "started_at": time.time(), "finished_at": time.time(),
+            "keys_written": 0, "snapshot_bytes": 0, "wal_bytes_removed": 0}})
+        make_dirs(lay.wal)
+        fsync_dir(lay.wal)
+        fsync_dir(self.path)
+        log.info("initialised %s (system_id %d)", self.path, system_id)
+        return write_marker(lay, system_id)
+
+    def _check_interrupted_init(self) -> None:
+        """No marker but files: an initialisation that crashed (nothing in it was
+        ever acknowledged) may be redone; anything holding data is an error."""
+        lay = self._layout
+        with WalReader(lay.wal) as r:
+            has_records = any(True for _ in r.iter_raw())
+        data_file = os.path.join(lay.snapshot, "data.mdb")
+        snap_has_data = False
+        if os.path.exists(data_file):
+            snap = Snapshot(lay.snapshot, map_size=self.config.map_size, read_only=False,
+                            create=False)
+            try:
+                meta = snap.meta()
+                snap_has_data = snap.entries() > 0 or bool(meta and meta.get("lsn"))
+            finally:
+                snap.close()
+        if has_records or snap_has_data:
+            raise CorruptionError(
+                f"{self.path} holds walstate data but its creation marker {lay.marker} is "
+                "missing; refusing to start a new database over it", path=lay.marker)
+        for _lsn, seg in list_segments(lay.wal):
+            os.unlink(seg)
+        for name in ("data.mdb", "lock.mdb"):
+            p = os.path.join(lay.snapshot, name)
+            if os.path.exists(p):
+                os.unlink(p)
+
+    # ---- state checks ------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"walstate engine for {self.path} is closed")
+
+    def _check_write(self) -> None:
+        if self._closed:
+            raise ClosedError(f"walstate engine for {self.path} is closed")
+        if self._wal is None:
+            raise ReadOnlyError(f"{self.path} is open read-only")
+        if self._failed is not None:
+            raise EngineFailedError(
+                f"{self.path}: an earlier write or fsync failed ({self._failed}); writes are "
+                "refused until the directory is reopened") from self._failed
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._failed is None:
+            self._failed = exc
+            log.error("engine %s failed: %s; writes refused until reopened", self.path, exc)
+
+    # ---- writes ------------------------------------------------------------
+    def put(self, key: bytes, value: bytes) -> int:
+        """Appends a PUT and applies it; returns its LSN (durable per ``sync``)."""
+        if self._closed or self._failed is not None or self._wal is None:
+            self._check_write()
+        if type(key) is not bytes or not 0 < len(key) <= 511:
+            key = codec.as_key(key)
+        if type(value) is not bytes or len(value) > codec.MAX_VALUE:
+            value = codec.as_value(value)
+        wal = self._wal
+        try:
+            with self._lock:
+                lsn = wal.put(key, value)  # type: ignore[union-attr]
+                self._active[key] = value
+                self._last_lsn = lsn
+                self._puts += 1
+                self._wal_bytes += REC_OVERHEAD + 2 + len(key) + len(value)
+            if self.config.sync == "always":
+                wal.sync(lsn)  # type: ignore[union-attr]
+        except EngineFailedError as exc:
+            self._fail(exc)
+            raise
+        if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
+            self._checkpointer.request("wal_size")  # type: ignore[union-attr]
+        return lsn
+
+    def delete(self, key: bytes) -> int:
+        """Appends a DELETE (of a key that may not exist); returns its LSN."""
+        self._check_write()
+        key = codec.as_key(key)
+        return self._commit(codec.DELETE, key, ((key, None),), "deletes")
+
+    def batch(self) -> Batch:
+        """A batch: ``with db.batch() as b: b.put(k, v); b.delete(k)`` -- atomic."""
+        self._check_write()
+        return Batch(self)
+
+    def _commit_batch(self, ops: list[tuple[bytes, bytes | None]]) -> int:
+        self._check_write()
+        return self._commit(codec.BATCH, codec.encode_batch(ops), ops, "batches")
+
+    def _commit(self, rtype: int, payload: bytes, ops: Any, counter: str) -> int:
+        wal = self._wal
+        try:
+            with self._lock:
+                lsn = wal.append(rtype, payload)  # type: ignore[union-attr]
+                active = self._active
+                for k, v in ops:
+                    active[k] = v
+                self._last_lsn = lsn
+                setattr(self, "_" + counter, getattr(self, "_" + counter) + 1)
+                self._wal_bytes += REC_OVERHEAD + len(payload)
+            if self.config.sync == "always":
+                wal.sync(lsn)  # type: ignore[union-attr]
+        except EngineFailedError as exc:
+            self._fail(exc)
+            raise
+        if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
+            self._checkpointer.request("wal_size")  # type: ignore[union-attr]
+        return lsn
+
+    def _ckpt_threshold(self) -> float:
+        cfg = self.config
+        if cfg.max_recovery_seconds is None:
+            return cfg.max_wal_size
+        rate = self._checkpointer.replay_rate  # type: ignore[union-attr]
+        return min(cfg.max_wal_size, cfg.max_recovery_seconds * rate)
+
+    def sync(self) -> int:
+        """Makes every earlier write durable; returns the durable LSN."""
+        self._check_open()
+        if self._wal is None:
+            return self._last_lsn
+        if self._failed is not None:
+            self._check_write()
+        try:
+            return self._wal.sync()
+        except EngineFailedError as exc:
+            self._fail(exc)
+            raise
+
+    def _flush_loop(self) -> None:
+        while not self._flusher_stop.wait(self.config.sync_interval):
+            try:
+                if self._wal is not None and self._failed is None:
+                    self._wal.sync()
+            except EngineFailedError as exc:
+                self._fail(exc)
+            except WalStateError as exc:  # keep flushing; the next write reports it
+                log.error("background WAL sync failed: %s", exc)
+
+    # ---- reads -------------------------------------------------------------
+    def get(self, key: bytes, default: Any = None) -> Any:
+        """The latest committed value of ``key``, or ``default``."""
+        if self._closed:
+            raise ClosedError(f"walstate engine for {self.path} is closed")
+        if type(key) is not bytes:
+            key = codec.as_key(key)
+        v = self._active.get(key, _MISSING)
+        if v is _MISSING:
+            for table in self._frozen:
+                v = table.get(key, _MISSING)
+                if v is not _MISSING:
+                    break
+            else:
+                if not 0 < len(key) <= 511:
+                    codec.as_key(key)
+                v = self._snapshot.get(key)  # type: ignore[union-attr]
+        return default if v is None else v
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _MISSING) is not _MISSING  # type: ignore[arg-type]
+
+    def items(self, start: bytes | None = None,
+              stop: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) in key order with start <= key < stop, over all committed
+        writes at the time of the call (later writes may or may not show)."""
+        self._check_open()
+        start = None if start is None else codec.as_key(start)
+        stop = None if stop is None else codec.as_key(stop)
+        with self._lock:
+            tables = (*reversed(self._frozen), self._active)
+            if start is None and stop is None and len(tables) == 1:
+                view = dict(self._active)
+            else:
+                view = {}
+                for t in tables:
+                    for k, v in t.items():
+                        if (start is None or k >= start) and (stop is None or k < stop):
+                            view[k] = v
+            tok, txn = self._snapshot.begin_items()  # type: ignore[union-attr]
+        snap = self._snapshot._iter(tok, txn, start, stop)  # type: ignore[union-attr]
+        return self._merge(sorted(view), view, snap)
+
+    def _merge(self, keys: list[bytes], view: dict[bytes, bytes | None],
+               snap: Iterator[tuple[bytes, bytes]]) -> Iterator[tuple[bytes, bytes]]:
+        i, n = 0, len(keys)
+        try:
+            for sk, sv in snap:
+                while i < n and keys[i] < sk:
+                    v = view[keys[i]]
+                    if v is not None:
+                        yield keys[i], v
+                    i += 1
+                if i < n and keys[i] == sk:
+                    v = view[sk]
+                    i += 1
+                    if v is not None:
+                        yield sk, v
+                else:
+                    yield sk, sv
+        except Exception as exc:
+            if self._closed:
+                raise ClosedError(f"walstate engine for {self.path} was closed during "
+                                  "items()") from exc
+            raise
+        finally:
+            snap.close()  # type: ignore[attr-defined]
+        while i < n:
+            v = view[keys[i]]
+            if v is not None:
+                yield keys[i], v
+            i += 1
+
+    # ---- checkpoints (the Host protocol of checkpoint.py) -------------------
+    def _freeze(self) -> tuple[int, dict[bytes, bytes | None]]:
+        with self._lock:
+            frozen = self._active
+            self._active = {}
+            self._frozen = (frozen, *self._frozen)
+            self._frozen_bytes = self._wal_bytes
+            return self._last_lsn, frozen
+
+    def _unfreeze(self, folded: bool) -> None:
+        with self._lock:
+            oldest = self._frozen[-1]
+            rest = self._frozen[:-1]
+            if folded:
+                self._frozen = rest
+            else:
+                # the fold failed: its changes go back under the newer ones
+                merged = dict(oldest)
+                for t in reversed(rest):
+                    merged.update(t)
+                merged.update(self._active)
+                self._active = merged
+                self._frozen = ()
+
+    def _wal_bytes_since_checkpoint(self) -> int:
+        return self._wal_bytes - self._frozen_bytes
+
+    def checkpoint(self) -> CheckpointInfo:
+        """Runs a checkpoint now; returns once it is durable."""
+        self._check_write()
+        return self._checkpointer.run("manual")  # type: ignore[union-attr]
+
+    # ---- inspection ----------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """State of the directory: see CONTRACT.md (info())."""
+        self._check_open()
+        segs = list_segments(self._layout.wal)
+        wal_bytes = 0
+        for _lsn, p in segs:
+            try:
+                wal_bytes += os.path.getsize(p)
+            except OSError:
+                pass
+        ck = self._checkpointer
+        out: dict[str, Any] = {
+            "path": self.path,
+            "system_id": self.system_id,
+            "format_version": FORMAT_VERSION,
+            "last_lsn": self._last_lsn,
+            "durable_lsn": self._last_lsn,
+            "checkpoint_lsn": ck.last_lsn if ck else 0,
+            "wal_bytes": wal_bytes,
+            "wal_segments": len(segs),
+            "snapshot_bytes": self._snapshot.file_bytes() if self._snapshot else 0,
+            "snapshot_keys": self._snapshot.entries() if self._snapshot else 0,
+            "map_size": self._snapshot.map_size() if self._snapshot else 0,
+            "memtable_keys": len(self._active) + sum(len(t) for t in self._frozen),
+            "last_checkpoint": ck.last if ck else None,
+            "recovery": dict(self._recovery),
+            "read_only": self.config.read_only,
+            "sync": self.config.sync,
+            "failed": str(self._failed) if self._failed else None,
+        }
+        since = self._wal_bytes_since_checkpoint()
+        out["wal_bytes_since_checkpoint"] = since
+        out["estimated_replay_seconds"] = since / ck.replay_rate if ck else 0.0
+        if self._wal is not None:
+            st = self._wal.stats()
+            out["durable_lsn"] = st["durable_lsn"]
+            out["fsync_latency"] = fsync_latency(st["fsync_hist"], st["fsync_ns_max"])  # type: ignore[arg-type]
+        else:
+            out["fsync_latency"] = fsync_latency([], 0)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since open: see CONTRACT.md (stats())."""
+        self._check_open()
+        st = self._wal.stats() if self._wal is not None else {}
+        ck = self._checkpointer
+        return {
+            "puts": self._puts,
+            "deletes": self._deletes,
+            "batches": self._batches,
+            "wal_records": st.get("appends", 0),
+            "wal_bytes_written": st.get("bytes_appended", 0),
+            "fsyncs": st.get("fsyncs", 0),
+            "wal_writes": st.get("writes", 0),
+            "segments_created": st.get("segments_created", 0),
+            "checkpoints": ck.count if ck else 0,
+            "checkpoint_seconds_total": ck.seconds_total if ck else 0.0,
+        }
+
+    # ---- closing -------------------------------------------------------------
+    def close(self) -> None:
+        """Flushes, runs a shutdown checkpoint and releases the lock. Idempotent."""
+        with self._close_mu:
+            if self._closed:
+                return
+            err: BaseException | None = None
+            if self._flusher is not None:
+                self._flusher_stop.set()
+                self._flusher.join()
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
+            if self._wal is not None and self._failed is None:
+                try:
+                    if self._wal_bytes > 0 or self._active or self._frozen:
+                        self._checkpointer.run("shutdown")  # type: ignore[union-attr]
+                    self._wal.append(codec.SHUTDOWN, b"")
+                    self._wal.sync()
+                except WalStateError as exc:
+                    err = exc
+                except OSError as exc:
+                    err = exc
+            self._closed = True
+            self._teardown()
+            if err is not None:
+                raise err
+
+    def _teardown(self) -> None:
+        self._closed = True
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+        if self._wal is not None:
+            try:
+                self._wal.close()
+            except WalStateError:
+                pass
+        if self._snapshot is not None:
+            self._snapshot.close()
+        if self._dirlock is not None:
+            self._dirlock.release()
+            self._dirlock = None
+
+    def _abandon(self) -> None:
+        """Test hook: drop the engine as a crash would (no flush, no checkpoint)."""
+        with self._close_mu:
+            self._closed = True
+            if self._flusher is not None:
+                self._flusher_stop.set()
+            if self._checkpointer is not None:
+                self._checkpointer.stop()
+            if self._wal is not None:
+                self._wal.abandon()
+            if self._snapshot is not None:
+                self._snapshot.close()
+            if self._dirlock is not None:
+                self._dirlock.release()
+                self._dirlock = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("read-only" if self._wal is None else "open")
+        return f"<walstate.Engine {self.path!r} {state}>"
+
+
+def open(path: str | os.PathLike[str], *, config: Config | None = None,  # noqa: A001
+         clock: Callable[[], float] | None = None, **options: Any) -> Engine:
+    """Opens (creating if missing) the walstate directory ``path``: takes the
+    single-writer lock, runs crash recovery and returns an :class:`Engine`.
+
+    Options are the fields of :class:`Config` (or pass ``config=``); ``clock``
+    (monotonic seconds) drives checkpoint_timeout and exists for tests.
+    Raises ConfigError, LockedError, PermissionError, CorruptionError,
+    MismatchError, DiskFullError.
+    """
+    cfg = Config.from_options(config, options)
+    return Engine(path, cfg, clock)

@@ -1,0 +1,118 @@
+"""Crash recovery: the snapshot's LSN, then the WAL after it, then the tail.
+
+The snapshot holds everything up to its checkpoint LSN S. The WAL must
+continue it without a gap (its records from S+1 on are replayed into a
+table the engine starts with). How the log ends is the reader's verdict
+(wal_reader.c, classify_stop); what is done about it depends on the mode:
+
+  ============== =========== =================== =====================
+  end            strict      tolerate_tail       point_in_time
+  ============== =========== =================== =====================
+  clean          ok          ok                  ok
+  torn tail      error       cut (keep .broken)  cut (keep .broken)
+  corruption     error       error               cut there, report
+  ============== =========== =================== =====================
+
+A read-only open cuts nothing: it reports what it would cut and stops there.
+Recovery changes no file until the cut, and the cut is idempotent, so a crash
+during recovery followed by another recovery gives the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from . import codec
+from ._native import lib
+from .errors import CorruptionError, MismatchError
+from .wal import LogEnd, WalReader, cut
+
+log = logging.getLogger("walstate")
+
+
+@dataclass
+class Recovered:
+    """What recovery found: the table to start with and the report for info()."""
+
+    table: dict[bytes, bytes | None]
+    last_lsn: int
+    report: dict = field(default_factory=dict)
+    end: LogEnd | None = None
+
+
+def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
+           read_only: bool) -> Recovered:
+    """Reads the WAL after ``snapshot_lsn`` and applies the tail policy of ``mode``."""
+    t0 = time.monotonic()
+    log.info("recovery: replaying %s from LSN %d (mode %s)", wal_dir, snapshot_lsn + 1, mode)
+    table: dict[bytes, bytes | None] = {}
+    records = nbytes = 0
+    last = snapshot_lsn
+    last_type = 0
+    decode = codec.decode
+    put, delete = codec.PUT, codec.DELETE
+    with WalReader(wal_dir, system_id, snapshot_lsn + 1) as reader:
+        for lsn, rtype, payload in reader.iter_raw():
+            if rtype == put:  # the common case, inlined
+                klen = payload[0] | payload[1] << 8
+                table[payload[2:2 + klen]] = payload[2 + klen:]
+            elif rtype == delete:
+                table[payload] = None
+            elif rtype & codec.IGNORABLE:
+                last, last_type = lsn, rtype
+                continue
+            else:
+                try:
+                    for k, v in decode(rtype, payload):
+                        table[k] = v
+                except ValueError as exc:
+                    raise CorruptionError(f"WAL record {lsn} does not decode: {exc}",
+                                          lsn=lsn) from None
+            records += 1
+            nbytes += 28 + len(payload)
+            last, last_type = lsn, rtype
+        end = reader.end
+
+    truncated = 0
+    if end.status == "error":
+        if end.rc == lib.WAL_EGAP:
+            raise MismatchError(
+                f"the snapshot holds writes up to LSN {snapshot_lsn} but the WAL in {wal_dir} "
+                f"starts above LSN {snapshot_lsn + 1}: the WAL does not belong to this "
+                "snapshot, or segments are missing")
+        if end.rc == lib.WAL_ECORRUPT and mode == "point_in_time":
+            truncated = _cut(wal_dir, end, read_only, "corruption")
+        else:
+            end.raise_error("recovering the write-ahead log")
+    elif end.status == "torn":
+        if mode == "strict":
+            raise CorruptionError(
+                f"torn or garbage tail in {end.path} at offset {end.offset} "
+                f"({end.cut_bytes} bytes); strict recovery refuses it (open with "
+                "recovery='tolerate_tail' to cut it)", path=end.path, offset=end.offset,
+                lsn=end.expected_lsn)
+        truncated = _cut(wal_dir, end, read_only, "torn tail")
+    last = max(last, end.last_lsn, snapshot_lsn)
+    seconds = time.monotonic() - t0
+    report = {"from_lsn": snapshot_lsn + 1, "to_lsn": last, "records_replayed": records,
+              "bytes_replayed": nbytes, "seconds": seconds, "truncated_bytes": truncated,
+              "mode": mode, "end": end.status,
+              "clean_shutdown": last_type == codec.SHUTDOWN and not truncated,
+              "stopped_at": None if end.status == "clean" else
+              {"path": end.path, "offset": end.offset, "lsn": end.expected_lsn}}
+    log.info("recovery: replayed %d records (%d bytes) up to LSN %d in %.3f s; cut %d bytes",
+             records, nbytes, last, seconds, truncated)
+    return Recovered(table, last, report, end)
+
+
+def _cut(wal_dir: str, end: LogEnd, read_only: bool, what: str) -> int:
+    if read_only:
+        log.warning("recovery (read-only): would cut %s in %s at offset %d (%d bytes)", what,
+                    end.path, end.offset, end.cut_bytes)
+        return end.cut_bytes
+    n = cut(wal_dir, end.segment, end.offset)
+    log.warning("recovery: cut %s in %s at offset %d: %d bytes kept in .broken file(s)", what,
+                end.path, end.offset, n)
+    return n

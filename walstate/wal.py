@@ -1,0 +1,287 @@
+"""The Python face of the C write-ahead log: a writer handle and a reader.
+
+Nothing here frames records or computes CRCs; the C layer does. Every
+blocking C call releases the GIL (cffi API mode).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ._native import ffi, lib, raise_for
+from .errors import ClosedError
+
+SEGMENT_SUFFIX = ".seg"
+
+
+def segment_name(first_lsn: int) -> str:
+    """File name of the segment whose first record has LSN ``first_lsn``."""
+    return f"{first_lsn:016x}{SEGMENT_SUFFIX}"
+
+
+def list_segments(wal_dir: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(first_lsn, path) of every segment in ``wal_dir``, in LSN order."""
+    out = []
+    try:
+        names = os.listdir(wal_dir)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        if len(name) == 20 and name.endswith(SEGMENT_SUFFIX):
+            try:
+                lsn = int(name[:16], 16)
+            except ValueError:
+                continue
+            if name == segment_name(lsn):
+                out.append((lsn, os.path.join(wal_dir, name)))
+    out.sort()
+    return out
+
+
+class Wal:
+    """An open log for appending. Thread-safe; one per directory.
+
+    ``put``/``delete``/``append`` buffer a record and return its LSN; it is
+    durable once ``sync`` covers it. After a failed write or fdatasync the
+    log is poisoned: every later call raises EngineFailedError.
+    """
+
+    def __init__(self, wal_dir: str, *, system_id: int, segment_size: int,
+                 buffer_size: int = 1 << 20, min_next_lsn: int = 1) -> None:
+        self.dir = wal_dir
+        opt = ffi.new("wal_options_t *")
+        opt.system_id = system_id
+        opt.segment_size = segment_size
+        opt.buffer_size = buffer_size
+        opt.min_next_lsn = min_next_lsn
+        out = ffi.new("wal_t **")
+        rc = lib.wal_open(os.fsencode(wal_dir), opt, out)
+        raise_for(rc, "opening the write-ahead log", wal_dir)
+        self._h = out[0]
+        self._lsn = ffi.new("uint64_t *")
+        self._put = lib.wal_put
+        self._append = lib.wal_append
+
+    def _fail(self, rc: int, what: str) -> None:
+        if self._h is None:
+            raise ClosedError("the write-ahead log is closed")
+        raise_for(rc, what, self.dir, poisoned=self.poisoned())
+
+    def put(self, key: bytes, value: bytes) -> int:
+        """Buffers a PUT record; returns its LSN."""
+        h = self._h
+        if h is None:
+            raise ClosedError("the write-ahead log is closed")
+        rc = self._put(h, key, len(key), value, len(value), self._lsn)
+        if rc:
+            self._fail(rc, "appending to the write-ahead log")
+        return self._lsn[0]
+
+    def append(self, rtype: int, payload: bytes) -> int:
+        """Buffers a record of type ``rtype``; returns its LSN."""
+        h = self._h
+        if h is None:
+            raise ClosedError("the write-ahead log is closed")
+        rc = self._append(h, rtype, payload, len(payload), ffi.NULL, 0, self._lsn)
+        if rc:
+            self._fail(rc, "appending to the write-ahead log")
+        return self._lsn[0]
+
+    def sync(self, lsn: int = 0) -> int:
+        """Waits until ``lsn`` (0: everything appended) is durable; returns the durable LSN."""
+        h = self._h
+        if h is None:
+            raise ClosedError("the write-ahead log is closed")
+        out = self._lsn_out = ffi.new("uint64_t *")
+        rc = lib.wal_sync(h, lsn, out)
+        if rc:
+            self._fail(rc, "syncing the write-ahead log")
+        return out[0]
+
+    def flush(self) -> None:
+        """Hands buffered records to the OS without fdatasync."""
+        if self._h is None:
+            raise ClosedError("the write-ahead log is closed")
+        rc = lib.wal_flush(self._h)
+        if rc:
+            self._fail(rc, "writing the write-ahead log")
+
+    def remove_below(self, lsn: int) -> tuple[int, int]:
+        """Removes segments holding only LSNs <= lsn; returns (bytes, segments) removed."""
+        if self._h is None:
+            raise ClosedError("the write-ahead log is closed")
+        nbytes = ffi.new("uint64_t *")
+        nsegs = ffi.new("uint64_t *")
+        rc = lib.wal_remove_below(self._h, lsn, nbytes, nsegs)
+        raise_for(rc, "removing old WAL segments", self.dir)
+        return nbytes[0], nsegs[0]
+
+    def stats(self) -> dict[str, int | list[int]]:
+        """Counters of the C log (see wal_stats_t)."""
+        if self._h is None:
+            raise ClosedError("the write-ahead log is closed")
+        st = ffi.new("wal_stats_t *")
+        lib.wal_get_stats(self._h, st)
+        out: dict[str, int | list[int]] = {
+            name: getattr(st, name) for name in (
+                "next_lsn", "written_lsn", "durable_lsn", "appends", "bytes_appended",
+                "fsyncs", "writes", "segments_created", "seg_first_lsn", "seg_end",
+                "seg_synced", "fsync_ns_total", "fsync_ns_max", "poisoned")
+        }
+        out["fsync_hist"] = list(st.fsync_hist)
+        return out
+
+    def poisoned(self) -> bool:
+        if self._h is None:
+            return False
+        st = ffi.new("wal_stats_t *")
+        lib.wal_get_stats(self._h, st)
+        return st.poisoned != 0
+
+    def close(self) -> None:
+        """Flushes, fdatasyncs and releases the log; idempotent."""
+        h, self._h = self._h, None
+        if h is None:
+            return
+        rc = lib.wal_close(h)
+        raise_for(rc, "closing the write-ahead log", self.dir, poisoned=rc != 0)
+
+    def abandon(self) -> None:
+        """Test hook: forget the handle without flushing (as if the process died)."""
+        self._h = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One WAL record as read from disk."""
+
+    lsn: int
+    type: int
+    payload: bytes
+    segment: int  # first LSN of the segment holding it
+    offset: int   # byte offset of its header in that segment
+    synced_lsn: int
+
+
+@dataclass(frozen=True)
+class LogEnd:
+    """How reading the log ended.
+
+    status: "clean", "torn" (a torn/garbage tail in the last segment) or
+    "error" (``rc`` says which: corruption, mismatch, gap, I/O).
+    """
+
+    status: str
+    rc: int
+    last_lsn: int
+    expected_lsn: int
+    segment: int
+    offset: int
+    path: str
+    cut_bytes: int
+    later_segments: int
+    found_system_id: int
+    segments: int
+    bytes: int
+
+    def raise_error(self, what: str = "reading the write-ahead log") -> None:
+        """Raise the exception for an "error" end (nothing otherwise)."""
+        if self.status == "error":
+            extra = ""
+            if self.rc == lib.WAL_EMISMATCH:
+                extra = f"; it has system_id {self.found_system_id}"
+            elif self.rc == lib.WAL_EGAP:
+                extra = f"; LSN {self.expected_lsn} is not in the WAL"
+            elif self.rc == lib.WAL_ECORRUPT:
+                extra = f" at offset {self.offset}, expected LSN {self.expected_lsn}"
+            try:
+                raise_for(self.rc, what, self.path or None, offset=self.offset,
+                          lsn=self.expected_lsn)
+            except Exception as exc:
+                if extra:
+                    exc.args = (str(exc.args[0] if exc.args else exc) + extra,) + exc.args[1:]
+                    if isinstance(exc, OSError):
+                        exc.strerror = str(exc.strerror) + extra
+                raise
+
+
+_STATUS = {lib.WAL_END_CLEAN: "clean", lib.WAL_END_TORN: "torn", lib.WAL_END_ERROR: "error",
+           lib.WAL_END_NONE: "none"}
+
+
+class WalReader:
+    """Iterates the valid records with LSN >= from_lsn, in order; then ``end``
+    says how the log ended. Errors do not raise during iteration: iteration
+    stops and ``end.status == "error"``. Use as a context manager."""
+
+    def __init__(self, wal_dir: str, system_id: int = 0, from_lsn: int = 0) -> None:
+        self.dir = wal_dir
+        out = ffi.new("wal_reader_t **")
+        rc = lib.wal_reader_open(os.fsencode(wal_dir), system_id, from_lsn, out)
+        raise_for(rc, "opening the write-ahead log for reading", wal_dir)
+        self._r = out[0]
+        self._end: LogEnd | None = None
+
+    def __iter__(self) -> Iterator[Record]:
+        rec = ffi.new("wal_record_t *")
+        nxt = lib.wal_reader_next
+        buf = ffi.buffer
+        while self._r is not None:
+            rc = nxt(self._r, rec)
+            if rc != 1:
+                break
+            yield Record(rec.lsn, rec.type, buf(rec.payload, rec.len)[:], rec.seg_first_lsn,
+                         rec.offset, rec.synced_lsn)
+
+    def iter_raw(self) -> Iterator[tuple[int, int, bytes]]:
+        """(lsn, type, payload) only: the fast path of replay."""
+        rec = ffi.new("wal_record_t *")
+        nxt = lib.wal_reader_next
+        buf = ffi.buffer
+        r = self._r
+        if r is None:
+            return
+        while nxt(r, rec) == 1:
+            yield rec.lsn, rec.type, buf(rec.payload, rec.len)[:]
+
+    @property
+    def end(self) -> LogEnd:
+        if self._end is None:
+            if self._r is None:
+                raise ClosedError("the reader is closed")
+            e = ffi.new("wal_end_t *")
+            lib.wal_reader_end(self._r, e)
+            le = LogEnd(_STATUS[e.status], e.rc, e.last_lsn, e.expected_lsn, e.seg_first_lsn,
+                        e.offset, os.fsdecode(ffi.string(e.path)), e.cut_bytes,
+                        e.later_segments, e.found_system_id, e.segments, e.bytes)
+            if le.status == "none":
+                return le
+            self._end = le
+        return self._end
+
+    def close(self) -> None:
+        r, self._r = self._r, None
+        if r is not None:
+            lib.wal_reader_close(r)
+
+    def __enter__(self) -> WalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cut(wal_dir: str, segment: int, offset: int) -> int:
+    """Cuts the log at (segment, offset), keeping the cut bytes in .broken files;
+    returns how many bytes were set aside."""
+    out = ffi.new("uint64_t *")
+    rc = lib.wal_cut(os.fsencode(wal_dir), segment, offset, out)
+    raise_for(rc, "cutting the write-ahead log", wal_dir)
+    return out[0]
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+    """The C layer's CRC32C (same values as the crc32c package)."""
+    return lib.wal_crc32c(crc, data, len(data))
