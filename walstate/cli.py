@@ -1,0 +1,308 @@
+"""The ``walstate`` command: info, dump, verify, checkpoint, bench, demo.
+
+Exit codes: 0 success, 1 a failure the command reports (corruption, locked,
+...), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import codec
+from .errors import WalStateError
+from .layout import Layout, lock_is_held, read_lock_holder, read_marker
+from .wal import WalReader, list_segments
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, bytes):
+        return obj.hex()
+    return str(obj)
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, default=_jsonable, sort_keys=True))
+
+
+def _require_dir(path: str) -> Layout:
+    lay = Layout(os.path.abspath(path))
+    if not os.path.isdir(lay.root):
+        raise FileNotFoundError(2, "no such directory", lay.root)
+    return lay
+
+
+# ---- info -------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    import walstate
+
+    lay = _require_dir(args.dir)
+    with walstate.open(lay.root, read_only=True) as db:
+        info = db.info()
+        info["snapshot_keys"] = db._snapshot.entries() if db._snapshot else 0  # noqa: SLF001
+    info["locked"] = lock_is_held(lay)
+    info["lock_holder"] = read_lock_holder(lay) if info["locked"] else None
+    if args.json:
+        _print_json(info)
+        return 0
+    ck = info["last_checkpoint"]
+    rec = info["recovery"]
+    lines = [
+        ("path", info["path"]),
+        ("system_id", info["system_id"]),
+        ("format_version", info["format_version"]),
+        ("last_lsn", info["last_lsn"]),
+        ("durable_lsn", info["durable_lsn"]),
+        ("checkpoint_lsn", info["checkpoint_lsn"]),
+        ("last_checkpoint", "none" if ck is None else
+         f"id {ck.id} lsn {ck.lsn} reason {ck.reason} finished {ck.finished_at:.3f} "
+         f"({ck.finished_at - ck.started_at:.3f} s)"),
+        ("wal_bytes", info["wal_bytes"]),
+        ("wal_segments", info["wal_segments"]),
+        ("snapshot_bytes", info["snapshot_bytes"]),
+        ("snapshot_keys", info["snapshot_keys"]),
+        ("unreplayed_records", rec["records_replayed"]),
+        ("estimated_replay_seconds", f"{rec['seconds']:.3f}"),
+        ("tail", f"{rec['end']} ({rec['truncated_bytes']} bytes would be cut)"),
+        ("lock", "free" if not info["locked"] else f"held by {info['lock_holder']}"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for k, v in lines:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+# ---- dump -------------------------------------------------------------------
+def _describe(rtype: int, payload: bytes) -> tuple[str, list[dict[str, Any]]]:
+    name = codec.TYPE_NAMES.get(rtype)
+    if name is None:
+        name = "SHUTDOWN" if rtype == codec.SHUTDOWN else f"TYPE{rtype:#x}"
+    ops = []
+    try:
+        for k, v in codec.decode(rtype, payload):
+            ops.append({"op": "put" if v is not None else "delete", "key": k,
+                        "value_size": None if v is None else len(v)})
+    except ValueError as exc:
+        ops.append({"op": "undecodable", "error": str(exc)})
+    return name, ops
+
+
+def _key_text(k: bytes) -> str:
+    try:
+        s = k.decode()
+        if s.isprintable():
+            return repr(s)
+    except UnicodeDecodeError:
+        pass
+    return "0x" + k.hex()
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    lay = _require_dir(args.dir)
+    marker = read_marker(lay) or {}
+    types = {t.upper() for t in args.type} if args.type else None
+    prefix = args.key_prefix.encode() if args.key_prefix is not None else None
+    with WalReader(lay.wal, int(marker.get("system_id", 0)), args.from_lsn) as r:
+        for rec in r:
+            if args.to_lsn is not None and rec.lsn > args.to_lsn:
+                break
+            name, ops = _describe(rec.type, rec.payload)
+            if types and name not in types:
+                continue
+            if prefix is not None and not any(o.get("key", b"").startswith(prefix)
+                                              for o in ops):
+                continue
+            if args.json:
+                _print_json({"lsn": rec.lsn, "type": name, "segment": rec.segment,
+                             "offset": rec.offset, "size": len(rec.payload),
+                             "ops": [{**o, "key": o["key"].hex()} if "key" in o else o
+                                     for o in ops]})
+            else:
+                if rec.type == codec.BATCH:
+                    print(f"{rec.lsn:>12} BATCH    {len(ops)} ops")
+                    for o in ops:
+                        vs = "" if o.get("value_size") is None else f" value {o['value_size']} B"
+                        print(f"{'':>12}   {o['op']:<6} {_key_text(o.get('key', b''))}{vs}")
+                elif ops:
+                    o = ops[0]
+                    vs = "" if o.get("value_size") is None else f" value {o['value_size']} B"
+                    print(f"{rec.lsn:>12} {name:<8} {_key_text(o.get('key', b''))}{vs}")
+                else:
+                    print(f"{rec.lsn:>12} {name:<8}")
+        end = r.end
+    stop = _end_text(end)
+    if args.json:
+        _print_json({"end": end.status, "detail": stop, "path": end.path, "offset": end.offset,
+                     "last_lsn": end.last_lsn})
+    else:
+        print(f"# end: {stop}", file=sys.stderr if not args.json else sys.stdout)
+    return 0 if end.status == "clean" else 1
+
+
+def _end_text(end: Any) -> str:
+    from ._native import strerror
+
+    if end.status == "clean":
+        return f"clean end after LSN {end.last_lsn}"
+    if end.status == "torn":
+        return (f"torn tail in {end.path} at offset {end.offset} ({end.cut_bytes} bytes after "
+                f"LSN {end.last_lsn}; recovery cuts it)")
+    return (f"{strerror(end.rc)}: {end.path or '(no segment)'} at offset {end.offset}, "
+            f"expected LSN {end.expected_lsn}")
+
+
+# ---- verify -----------------------------------------------------------------
+def verify(path: str) -> list[str]:
+    """Every problem found in the directory at ``path`` (empty: clean)."""
+    from .errors import CorruptionError, MismatchError
+    from .snapshot import Snapshot
+
+    lay = _require_dir(path)
+    problems: list[str] = []
+    try:
+        marker = read_marker(lay)
+    except CorruptionError as exc:
+        return [str(exc)]
+    if marker is None:
+        return [f"{lay.marker}: creation marker missing (not a walstate directory?)"]
+    system_id = int(marker["system_id"])
+    snap_lsn = None
+    try:
+        snap = Snapshot(lay.snapshot, map_size=1 << 20, read_only=True, create=False)
+    except (WalStateError, OSError) as exc:
+        problems.append(f"snapshot: {exc}")
+    else:
+        try:
+            meta = snap.check_meta(system_id)
+            snap_lsn = int(meta["lsn"])
+            n = sum(1 for _ in snap.items(None, None))  # reads every page of the data
+            if n != snap.entries():
+                problems.append(f"snapshot: iterated {n} keys but LMDB counts {snap.entries()}")
+        except (WalStateError, MismatchError) as exc:
+            problems.append(f"snapshot: {exc}")
+        except Exception as exc:  # lmdb errors on damaged pages
+            problems.append(f"snapshot: unreadable: {exc}")
+        finally:
+            snap.close()
+    segs = list_segments(lay.wal)
+    if not segs:
+        problems.append(f"{lay.wal}: no WAL segment")
+    else:
+        with WalReader(lay.wal, system_id, 0) as r:
+            for _ in r.iter_raw():
+                pass
+            end = r.end
+        if end.status != "clean":
+            problems.append(f"WAL: {_end_text(end)}")
+        if snap_lsn is not None and segs[0][0] > snap_lsn + 1:
+            problems.append(f"WAL: starts at LSN {segs[0][0]} but the snapshot holds writes "
+                            f"only up to LSN {snap_lsn} (gap)")
+    return problems
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    problems = verify(args.dir)
+    if args.json:
+        _print_json({"ok": not problems, "problems": problems})
+    elif problems:
+        for p in problems:
+            print(f"PROBLEM: {p}")
+    else:
+        print(f"{os.path.abspath(args.dir)}: OK (every WAL record and the snapshot check out)")
+    return 1 if problems else 0
+
+
+# ---- checkpoint -------------------------------------------------------------
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    import walstate
+
+    _require_dir(args.dir)
+    with walstate.open(args.dir) as db:
+        info = db.checkpoint()
+    if args.json:
+        _print_json(info)
+    else:
+        print(f"checkpoint {info.id}: lsn {info.lsn}, {info.keys_written} keys, "
+              f"{info.wal_bytes_removed} WAL bytes removed, "
+              f"{info.finished_at - info.started_at:.3f} s")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import benchmark
+
+    return benchmark.main(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    return demo.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="walstate",
+                                description="Inspect, check and exercise walstate directories.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("info", help="what info() returns, human-readable (read-only)")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true", help="one JSON object")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("dump", help="one line per WAL record")
+    s.add_argument("dir")
+    s.add_argument("--from-lsn", type=int, default=0)
+    s.add_argument("--to-lsn", type=int, default=None)
+    s.add_argument("--key-prefix", default=None)
+    s.add_argument("--type", action="append", help="PUT, DELETE, BATCH (repeatable)")
+    s.add_argument("--json", action="store_true", help="JSON lines")
+    s.set_defaults(func=cmd_dump)
+
+    s = sub.add_parser("verify", help="check every checksum of WAL and snapshot; exit 1 on "
+                       "any problem")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("checkpoint", help="open (recovering), checkpoint, close")
+    s.add_argument("dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_checkpoint)
+
+    s = sub.add_parser("bench", help="throughput against sqlite3, LMDB and raw loops")
+    s.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--ops", type=int, default=None, help="operations per contender")
+    s.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
+    s.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("demo", help="the crash-and-resume demonstration", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (WalStateError, OSError) as exc:
+        print(f"walstate {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
