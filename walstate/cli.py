@@ -137,13 +137,16 @@ def cmd_dump(args: argparse.Namespace) -> int:
                 else:
                     print(f"{rec.lsn:>12} {name:<8}")
         end = r.end
-    stop = _end_text(end)
+    if end.status == "none":
+        status, stop, ok = "to_lsn", f"stopped at --to-lsn {args.to_lsn}", True
+    else:
+        status, stop, ok = end.status, _end_text(end), end.status == "clean"
     if args.json:
-        _print_json({"end": end.status, "detail": stop, "path": end.path, "offset": end.offset,
+        _print_json({"end": status, "detail": stop, "path": end.path, "offset": end.offset,
                      "last_lsn": end.last_lsn})
     else:
-        print(f"# end: {stop}", file=sys.stderr if not args.json else sys.stdout)
-    return 0 if end.status == "clean" else 1
+        print(f"# end: {stop}", file=sys.stderr)
+    return 0 if ok else 1
 
 
 def _end_text(end: Any) -> str:
@@ -293,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options (and --help)
+        from . import demo
+
+        return int(demo.main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

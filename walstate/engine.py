@@ -138,6 +138,7 @@ class Engine:
             make_dirs(self.path)
             self._dirlock = DirLock(lay)
         marker = read_marker(lay)
+        fresh = marker is None
         if marker is None:
             if ro:
                 raise CorruptionError(f"{self.path} is not a walstate directory (no "
@@ -160,7 +161,9 @@ class Engine:
         self._recovery = rec.report
         self._active = rec.table
         self._last_lsn = rec.last_lsn
-        clean = rec.report["clean_shutdown"] or rec.last_lsn == snap_lsn
+        # Only a clean close (or a directory made just now) proves that no LSN was
+        # handed out beyond the end of the log.
+        clean = fresh or rec.report["clean_shutdown"]
         last = CheckpointInfo.from_meta(meta)
         if not ro:
             skip = 0 if clean else LSN_SKIP_AFTER_CRASH
