@@ -26,9 +26,9 @@ import time
 import crc32c
 import lmdb
 import pytest
+from conftest import record
 
 import walstate
-from conftest import record
 
 rnd = random.Random(7)
 KEYS = [rnd.randbytes(16) for _ in range(20000)]

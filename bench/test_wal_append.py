@@ -16,8 +16,8 @@ import threading
 
 import crc32c
 import pytest
-
 from conftest import record
+
 from walstate.wal import Wal
 
 KEY = b"k" * 16
