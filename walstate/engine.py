@@ -234,6 +234,9 @@ class Engine:
             p = os.path.join(lay.snapshot, name)
             if os.path.exists(p):
                 os.unlink(p)
+        for d in (lay.wal, lay.snapshot):
+            if os.path.isdir(d):
+                fsync_dir(d)
 
     # ---- state checks ------------------------------------------------------
     def _check_open(self) -> None:

@@ -173,7 +173,10 @@ class DirLock:
                                   f"process (pid {os.getpid()})", pid=os.getpid())
             _held.add(self.key)
         try:
+            existed = os.path.exists(layout.lock)
             self.fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+            if not existed:
+                fsync_dir(layout.root)
         except BaseException:
             self._forget()
             raise
