@@ -1,9 +1,13 @@
 /* Appending: records are encoded into a user-space buffer under the handle's
- * mutex; whoever needs the bytes on disk becomes the one I/O owner
- * (io_busy), swaps the buffer out, and writes (and fdatasyncs) with the
- * mutex released while others keep appending into the other buffer. Every
- * thread waiting for durability sleeps on one condition variable; a single
- * fdatasync covers every record written before it started (group commit).
+ * mutex. Whoever needs the bytes on disk swaps the buffer out and writes it
+ * with the mutex released (one writer at a time: write_busy) while others
+ * keep appending into the other buffer. Durability: a thread whose record is
+ * written but not yet covered by an fdatasync starts one (with the mutex
+ * released); every thread whose record an in-flight fdatasync covers sleeps
+ * on one condition variable (group commit). fdatasync covers every write
+ * that completed before it was called, so several may be in flight at once
+ * (pipelining: on disks where concurrent flushes overlap this beats keeping
+ * one in flight), and the durable LSN is the highest target completed.
  *
  * Failure policy (PostgreSQL's fsyncgate lesson): a failed write or
  * fdatasync poisons the handle. The page cache may have dropped the dirty
@@ -36,7 +40,9 @@ struct wal {
     uint64_t file_off;   /* where buf[0] lands in it */
     uint8_t *buf, *spare;
     size_t buf_len, buf_cap, spare_cap;
-    int io_busy;         /* one thread writes/syncs at a time, mutex released */
+    int write_busy;      /* one thread writes the buffer at a time, mutex released */
+    int syncs_in_flight; /* fdatasyncs running with the mutex released */
+    uint64_t sync_cover; /* highest target of any fdatasync started */
     int poisoned;
     uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
     uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
@@ -72,65 +78,118 @@ static void poison(wal_t *w, int rc)
         w->poisoned = rc;
 }
 
-/* Requires mu (released while waiting and during I/O). Writes the buffer
- * and, with do_sync, fdatasyncs: afterwards everything appended before the
- * call is written (and durable). Returns 0 or the error (poisoning). */
-static int io_locked(wal_t *w, int do_sync)
+/* fdatasyncs allowed in flight at once. Measured here (ext4 on a virtual
+ * disk, 2000 synced appends): 4 threads 22k/s with 1 in flight, 19k/s with 2,
+ * 15k/s with 4 -- concurrent fdatasyncs of one file serialize in the journal,
+ * so pipelining only splits the groups. Kept as a knob for other disks. */
+#define MAX_SYNCS_IN_FLIGHT 1
+
+/* Requires mu (released while waiting and during the write). Writes what is
+ * buffered; afterwards everything appended before the call is written.
+ * Returns 0 or the error (poisoning). */
+static int write_locked(wal_t *w)
 {
-    while (w->io_busy)
+    while (w->write_busy)
         pthread_cond_wait(&w->cv, &w->mu);
     if (w->poisoned)
         return WAL_EPOISONED;
-    uint64_t target = w->next_lsn - 1;
     size_t len = w->buf_len, cap = w->buf_cap;
-    if (len == 0 && (!do_sync || w->durable_lsn >= target))
+    if (len == 0)
         return 0;
+    uint64_t target = w->next_lsn - 1, off = w->file_off;
     uint8_t *data = w->buf;
-    uint64_t off = w->file_off;
     int fd = w->fd;
-    uint64_t seg = w->hdr.first_lsn;
     w->buf = w->spare;
     w->buf_cap = w->spare_cap;
     w->buf_len = 0;
     w->spare = NULL;
     w->spare_cap = 0;
     w->file_off += len;
-    w->io_busy = 1;
+    w->write_busy = 1;
     pthread_mutex_unlock(&w->mu);
 
-    int rc = 0;
-    uint64_t ns = 0;
-    if (len) {
-        rc = h_pwrite_all(fd, data, len, off);
-        h_killpoint("append_after_write");
-    }
-    if (rc == 0 && do_sync) {
-        uint64_t t0 = now_ns();
-        rc = h_fdatasync(fd);
-        ns = now_ns() - t0;
-        if (rc == 0)
-            h_sync_trace(seg, off + len);
-        h_killpoint("append_after_fdatasync");
-    }
+    int rc = h_pwrite_all(fd, data, len, off);
+    h_killpoint("append_after_write");
 
     pthread_mutex_lock(&w->mu);
     w->spare = data;
     w->spare_cap = cap;
-    w->io_busy = 0;
+    w->write_busy = 0;
     if (rc) {
         poison(w, rc);
     } else {
-        if (len)
-            w->writes++;
+        w->writes++;
         w->written_lsn = target;
-        if (do_sync) {
-            w->durable_lsn = target;
-            w->seg_synced = off + len;
-            note_fsync(w, ns);
-        }
     }
     pthread_cond_broadcast(&w->cv);
     return rc;
+}
+
+/* Requires mu (released while waiting and during fdatasync). Returns once
+ * `lsn` is durable (0), or the error that poisoned the log. */
+static int sync_locked(wal_t *w, uint64_t lsn)
+{
+    for (;;) {
+        if (w->durable_lsn >= lsn)
+            return 0;
+        if (w->poisoned)
+            return WAL_EPOISONED;
+        /* an fdatasync that started after our record was written will cover it
+         * (sync_cover >= lsn with durable_lsn < lsn means it is still running) */
+        if (w->sync_cover >= lsn) {
+            pthread_cond_wait(&w->cv, &w->mu);
+            continue;
+        }
+        if (w->written_lsn < lsn) {
+            if (w->write_busy) {
+                pthread_cond_wait(&w->cv, &w->mu);
+                continue;
+            }
+            int rc = write_locked(w);
+            if (rc)
+                return rc;
+            continue;
+        }
+        if (w->syncs_in_flight >= MAX_SYNCS_IN_FLIGHT) {
+            pthread_cond_wait(&w->cv, &w->mu);
+            continue;
+        }
+        uint64_t target = w->written_lsn, seg = w->hdr.first_lsn, end = w->file_off;
+        int fd = w->fd;
+        w->syncs_in_flight++;
+        w->sync_cover = target;
+        pthread_mutex_unlock(&w->mu);
+
+        uint64_t t0 = now_ns();
+        int rc = h_fdatasync(fd);
+        uint64_t ns = now_ns() - t0;
+        if (rc == 0)
+            h_sync_trace(seg, end);
+        h_killpoint("append_after_fdatasync");
+
+        pthread_mutex_lock(&w->mu);
+        w->syncs_in_flight--;
+        if (rc) {
+            poison(w, rc);
+        } else {
+            note_fsync(w, ns);
+            if (target > w->durable_lsn) {
+                w->durable_lsn = target;
+                if (end > w->seg_synced)
+                    w->seg_synced = end;
+            }
+        }
+        pthread_cond_broadcast(&w->cv);
+        if (rc)
+            return rc;
+    }
+}
+
+/* Requires mu. Waits until no write or fdatasync is running (they use w->fd). */
+static void quiesce_locked(wal_t *w)
+{
+    while (w->write_busy || w->syncs_in_flight)
+        pthread_cond_wait(&w->cv, &w->mu);
 }
 
 /* Requires mu, held throughout (rotation is rare). Completes and syncs the
@@ -138,11 +197,10 @@ static int io_locked(wal_t *w, int do_sync)
  * -- then creates the next, large enough for a record of `need` bytes. */
 static int rotate_locked(wal_t *w, uint64_t need)
 {
-    while (w->io_busy)
-        pthread_cond_wait(&w->cv, &w->mu);
+    quiesce_locked(w);
     if (w->poisoned)
         return WAL_EPOISONED;
-    w->io_busy = 1;
+    w->write_busy = 1;
     int rc = 0;
     if (w->buf_len)
         rc = h_pwrite_all(w->fd, w->buf, w->buf_len, w->file_off);
@@ -156,7 +214,7 @@ static int rotate_locked(wal_t *w, uint64_t need)
     }
     if (rc) {
         poison(w, rc);
-        w->io_busy = 0;
+        w->write_busy = 0;
         pthread_cond_broadcast(&w->cv);
         return rc;
     }
@@ -174,7 +232,7 @@ static int rotate_locked(wal_t *w, uint64_t need)
     if (WAL_SEG_HDR_SIZE + need > alloc)
         alloc = WAL_SEG_HDR_SIZE + need; /* one oversized segment holds a huge record */
     int fd = seg_create(w->dir, &h, alloc);
-    w->io_busy = 0;
+    w->write_busy = 0;
     pthread_cond_broadcast(&w->cv);
     if (fd < 0)
         return fd; /* not poisoned: the old segment is whole and synced */
@@ -220,7 +278,7 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
             continue;
         }
         if (w->buf_len && w->buf_len + need > w->buf_cap) {
-            if ((rc = io_locked(w, 0)) != 0)
+            if ((rc = write_locked(w)) != 0)
                 break;
             continue;
         }
@@ -284,18 +342,7 @@ int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
     pthread_mutex_lock(&w->mu);
     if (lsn == 0 || lsn >= w->next_lsn)
         lsn = w->next_lsn - 1;
-    while (w->durable_lsn < lsn) {
-        if (w->poisoned) {
-            rc = WAL_EPOISONED;
-            break;
-        }
-        if (w->io_busy) {
-            pthread_cond_wait(&w->cv, &w->mu);
-            continue;
-        }
-        if ((rc = io_locked(w, 1)) != 0)
-            break;
-    }
+    rc = sync_locked(w, lsn);
     if (durable_out)
         *durable_out = w->durable_lsn;
     pthread_mutex_unlock(&w->mu);
@@ -305,7 +352,7 @@ int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
 int wal_flush(wal_t *w)
 {
     pthread_mutex_lock(&w->mu);
-    int rc = io_locked(w, 0);
+    int rc = write_locked(w);
     pthread_mutex_unlock(&w->mu);
     return rc;
 }
@@ -519,8 +566,9 @@ int wal_close(wal_t *w)
         return 0;
     pthread_mutex_lock(&w->mu);
     int rc = w->poisoned ? WAL_EPOISONED : 0;
-    while (rc == 0 && (w->buf_len || w->durable_lsn < w->next_lsn - 1))
-        rc = io_locked(w, 1);
+    if (rc == 0)
+        rc = sync_locked(w, w->next_lsn - 1);
+    quiesce_locked(w);
     pthread_mutex_unlock(&w->mu);
     if (w->fd >= 0)
         close(w->fd);
