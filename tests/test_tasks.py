@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import walstate
 from walstate.errors import InvalidTransitionError, WalStateError
@@ -578,3 +584,114 @@ def test_sigkill_then_recover_restores_every_acknowledged_running_task(tmp_path,
         assert state[2] == last[tid][1].encode()
         assert state[1] == 1
 
+
+
+# -- stateful: TaskStore against a plain dict model, with crash and reopen ----------
+
+IDS = st.sampled_from(["a", "b", "c", "a\x00", "é", "z" * 40])
+PAYLOADS = st.binary(max_size=64)
+
+
+class TaskMachine(RuleBasedStateMachine):
+    """Random transitions, legal or not; crash (abandon) and reopen between them.
+
+    Under sync="always" every transition that returned is durable, so after a
+    crash the store equals the model, and recover() moves exactly the model's
+    RUNNING tasks back to PENDING.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="walstate-tasks-")
+        self.path = os.path.join(self.dir, "db")
+        self.db = walstate.open(self.path, sync="always", segment_size=64 * 1024,
+                                max_wal_size=64 * 1024)
+        self.tasks = TaskStore(self.db)
+        self.model: dict[str, tuple[Status, int, bytes, str | None]] = {}
+
+    def teardown(self) -> None:
+        try:
+            self.db.close()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def attempt(self, tid, required, call, new):
+        """Run ``call``; legal iff the model has ``tid`` in ``required`` status."""
+        old = self.model.get(tid)
+        legal = old is not None and old[0] is required if required else old is None
+        before = wal_records(self.db)
+        if legal:
+            state = call()
+            self.model[tid] = new(old)
+            assert (state.status, state.attempts, state.payload, state.error) == self.model[tid]
+            assert wal_records(self.db) == before + 1
+        else:
+            with pytest.raises(KeyError if old is None else InvalidTransitionError):
+                call()
+            assert wal_records(self.db) == before
+
+    @rule(tid=IDS, payload=PAYLOADS)
+    def create(self, tid, payload):
+        self.attempt(tid, None, lambda: self.tasks.create(tid, payload=payload),
+                     lambda old: (Status.PENDING, 0, payload, None))
+
+    @rule(tid=IDS)
+    def start(self, tid):
+        self.attempt(tid, Status.PENDING, lambda: self.tasks.start(tid),
+                     lambda old: (Status.RUNNING, old[1] + 1, old[2], None))
+
+    @rule(tid=IDS, payload=PAYLOADS)
+    def progress(self, tid, payload):
+        self.attempt(tid, Status.RUNNING, lambda: self.tasks.progress(tid, payload=payload),
+                     lambda old: (Status.RUNNING, old[1], payload, None))
+
+    @rule(tid=IDS, payload=st.none() | PAYLOADS)
+    def finish(self, tid, payload):
+        self.attempt(tid, Status.RUNNING, lambda: self.tasks.finish(tid, payload=payload),
+                     lambda old: (Status.SUCCESS, old[1], old[2] if payload is None else payload,
+                                  None))
+
+    @rule(tid=IDS, error=st.text(max_size=20))
+    def fail(self, tid, error):
+        self.attempt(tid, Status.RUNNING, lambda: self.tasks.fail(tid, error=error),
+                     lambda old: (Status.FAILED, old[1], old[2], error))
+
+    @rule()
+    def recover(self):
+        running = sorted(tid for tid, m in self.model.items() if m[0] is Status.RUNNING)
+        assert [t.task_id for t in self.tasks.recover()] == running
+        for tid in running:
+            self.model[tid] = (Status.PENDING, *self.model[tid][1:])
+
+    @rule(crash=st.booleans())
+    def reopen(self, crash):
+        if crash:
+            self.db._abandon()  # as a killed process would: no flush, no checkpoint
+        else:
+            self.db.close()
+        self.db = walstate.open(self.path, sync="always", segment_size=64 * 1024,
+                                max_wal_size=64 * 1024)
+        self.tasks = TaskStore(self.db)
+
+    @rule()
+    def checkpoint(self):
+        self.db.checkpoint()
+
+    @invariant()
+    def store_equals_model(self):
+        listed = {t.task_id: (t.status, t.attempts, t.payload, t.error)
+                  for t in self.tasks.list()}
+        assert listed == self.model
+        assert [t.task_id for t in self.tasks.list()] == sorted(self.model)
+        for status in Status:
+            assert [t.task_id for t in self.tasks.list(status=status)] == sorted(
+                tid for tid, m in self.model.items() if m[0] is status)
+        # One record and one index entry per task: no stale index entry left behind.
+        stop = KEY_PREFIX[:-1] + bytes((KEY_PREFIX[-1] + 1,))
+        assert len(list(self.db.items(KEY_PREFIX, stop))) == 2 * len(self.model)
+
+
+TaskMachine.TestCase.settings = settings(
+    max_examples=40, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_task_store_against_a_model = TaskMachine.TestCase

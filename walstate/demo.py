@@ -9,12 +9,12 @@ progress cursor, and at the end the result. After every transition returns
 *acknowledgement*.
 
 The parent SIGKILLs the worker at seeded random points spread over the run,
-one of them while ``db.checkpoint()`` is running (the WAL is kept small, so
-automatic checkpoints run throughout too). After each kill the parent opens
-the directory itself (crash recovery), shows what recovery did, checks that
-every acknowledged transition is there, puts the interrupted tasks back to
-PENDING with ``tasks.recover()`` and starts a new worker, which resumes each
-task from its cursor.
+one of them while a ``db.checkpoint()`` runs in a background thread of the
+worker (the WAL is kept small, so automatic checkpoints run throughout too).
+After each kill the parent opens the directory itself (crash recovery), shows
+what recovery did, checks that every acknowledged transition is there, puts
+the interrupted tasks back to PENDING with ``tasks.recover()`` and starts a
+new worker, which resumes each task from its cursor.
 
 At the end the parent verifies, with its own computation and independently
 of the worker: every task is SUCCESS with the right result, finished once,
@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -111,17 +112,24 @@ def run_worker(path: str, n_tasks: int, checkpoint_after: int) -> int:
     db = walstate.open(path, **ENGINE_OPTIONS)
     tasks = TaskStore(db)
     acks = 0
+    checkpointer: threading.Thread | None = None
+
+    def checkpoint() -> None:
+        _say("ckpt-begin")
+        db.checkpoint()
+        _say("ckpt-end")
 
     def acked(*fields: object) -> None:
-        nonlocal acks
+        nonlocal acks, checkpointer
         _say("ack", *fields)
         acks += 1
         if acks % STATS_EVERY == 0:
             _say("stats", json.dumps(db.stats()))
-        if checkpoint_after and acks % checkpoint_after == 0:
-            _say("ckpt-begin")
-            db.checkpoint()
-            _say("ckpt-end")
+        if checkpoint_after and acks % checkpoint_after == 0 and not (
+                checkpointer and checkpointer.is_alive()):
+            # In the background, like the automatic ones: the work goes on meanwhile.
+            checkpointer = threading.Thread(target=checkpoint, daemon=True)
+            checkpointer.start()
 
     _say("recovered", len(tasks.recover()))
     for n in range(n_tasks):
@@ -141,6 +149,8 @@ def run_worker(path: str, n_tasks: int, checkpoint_after: int) -> int:
         result = result_of(cursor)
         tasks.finish(state.task_id, payload=result)
         acked("finish", state.task_id, state.attempts, step, result.hex())
+    if checkpointer is not None:
+        checkpointer.join()
     _say("stats", json.dumps(db.stats()))
     db.close()
     _say("done")
@@ -178,6 +188,10 @@ class Run:
     wal_bytes_written: int = 0
     checkpoints: int = 0
     problems: list[str] = field(default_factory=list)
+    # Tasks found in the directory before the first worker ran (a reused --dir):
+    # task id -> (status name, attempts, step); their earlier history is unknown.
+    baseline: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    expected_acks: int = 0  # acks the whole work takes without crashes
 
 
 class _Lines:
@@ -216,14 +230,14 @@ class _Progress:
             width = 30
             filled = width * done // max(self.total, 1)
             self.out.write(f"\r  [{'#' * filled}{'.' * (width - filled)}] "
-                           f"{done}/{self.total} tasks, {crashes} crashes ")
+                           f"{done}/{self.total} tasks, crashes: {crashes} ")
             self.out.flush()
         else:
             tenth = 10 * done // max(self.total, 1)
             if tenth > self.shown:
                 self.shown = tenth
                 self.out.write(f"  {10 * tenth:3d}%  {done}/{self.total} tasks done, "
-                               f"{crashes} crashes\n")
+                               f"crashes: {crashes}\n")
                 self.out.flush()
 
     def message(self, text: str) -> None:
@@ -244,9 +258,9 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _kill_points(rng: random.Random, n_tasks: int, crashes: int) -> list[int]:
-    """Ack counts at which to kill: one in each of ``crashes`` equal slices of 5%..85%."""
-    total = n_tasks * (STEPS + 3)
+def _kill_points(rng: random.Random, total: int, crashes: int) -> list[int]:
+    """Ack counts at which to kill: one in each of ``crashes`` equal slices of 5%..85%
+    of the ``total`` acks the work needs without crashes."""
     lo, hi = 0.05, 0.85
     width = (hi - lo) / max(crashes, 1)
     return [int(total * rng.uniform(lo + width * i, lo + width * (i + 1))) for i in range(crashes)]
@@ -303,8 +317,35 @@ def _recover(path: Path, run: Run, at_percent: float, during_checkpoint: bool) -
     return Crash(at_percent, during_checkpoint, recovery, open_seconds, back)
 
 
-def _verify(path: Path, n_tasks: int, run: Run, drop_ack: bool) -> tuple[list[str], str]:
-    """Check the final state and every acknowledgement against our own computation."""
+def _take_baseline(path: Path, n_tasks: int, run: Run) -> int:
+    """Record the demo tasks already in a reused directory; recover() them."""
+    import walstate
+    from walstate.tasks import Status, TaskStore
+
+    if not path.exists() or not any(path.iterdir()):
+        return 0
+    with walstate.open(path, **ENGINE_OPTIONS) as db:
+        tasks = TaskStore(db)
+        tasks.recover()
+        for n in range(n_tasks):
+            state = tasks.get(task_id(n))
+            if state is None:
+                continue
+            step = STEPS if state.status is Status.SUCCESS else decode_cursor(state.payload)[0]
+            run.baseline[state.task_id] = (state.status.name, state.attempts, step)
+            if state.status is Status.SUCCESS:
+                run.finished.add(state.task_id)
+            else:  # start, the remaining steps, finish; instead of create + all
+                run.expected_acks -= (STEPS + 3) - (STEPS - step + 2)
+    return len(run.baseline)
+
+
+def _verify(path: Path, n_tasks: int, run: Run, drop_ack: bool) -> tuple[list[str], int, Any]:
+    """Check the final state and every acknowledgement against our own computation.
+
+    Returns the problems found, how many starts resumed from a progress
+    cursor, and the directory's last CheckpointInfo.
+    """
     import walstate
     from walstate.tasks import Status, TaskStore
 
@@ -338,33 +379,32 @@ def _verify(path: Path, n_tasks: int, run: Run, drop_ack: bool) -> tuple[list[st
                                 f"{'right' if state.payload == result else 'wrong'} result")
             trail = by_task.get(tid, [])
             starts = [a for a in trail if a.kind == "start"]
-            if not starts and state.attempts < 1:
+            before, base_attempts, base_step = run.baseline.get(tid, ("", 0, 0))
+            if state.attempts < 1:
                 problems.append(f"{tid}: never started")
-            if not len(starts) <= state.attempts <= len(starts) + len(run.crashes):
+            low = base_attempts + len(starts)
+            if not low <= state.attempts <= low + len(run.crashes):
                 problems.append(f"{tid}: {state.attempts} attempts on disk, "
                                 f"{len(starts)} acknowledged starts")
-            problems += _check_trail(tid, trail, cursors, result)
+            problems += _check_trail(tid, trail, cursors, result, base_step, base_attempts,
+                                     before == "SUCCESS")
             resumed += sum(1 for a in starts if a.step > 0)
-        info = db.info()
-    last = info.get("last_checkpoint")
-    summary = (f"{resumed} resumptions from a progress cursor; last checkpoint id "
-               f"{getattr(last, 'id', '-')}")
-    return problems, summary
+        last_checkpoint = db.info().get("last_checkpoint")
+    return problems, resumed, last_checkpoint
 
 
-def _check_trail(tid: str, trail: list[Ack], cursors: list[bytes], result: bytes) -> list[str]:
+def _check_trail(tid: str, trail: list[Ack], cursors: list[bytes], result: bytes,
+                 last_step: int = 0, attempts: int = 0, finished: bool = False) -> list[str]:
     """One task's acknowledgements must form an unbroken chain.
 
     Within an attempt: start at step r, then progress r+1, r+2, ..., then
     finish after step STEPS. A new attempt resumes at the last acknowledged
     step, or one later (a write can be durable when the kill comes before
-    its acknowledgement). Nothing follows a finish.
+    its acknowledgement). Nothing follows a finish. ``last_step``,
+    ``attempts`` and ``finished`` describe the task before the first worker.
     """
     problems: list[str] = []
-    last_step = 0  # the last acknowledged step of this task
     step = None  # the current attempt's step; None outside an attempt
-    attempts = 0
-    finished = False
     for ack in trail:
         where = f"{tid} attempt {ack.attempts}"
         if finished:
@@ -402,6 +442,18 @@ def _check_trail(tid: str, trail: list[Ack], cursors: list[bytes], result: bytes
     return problems
 
 
+def _crash_line(number: int, crash: Crash) -> str:
+    rec = crash.recovery
+    return (
+        f"  crash {number} at {crash.at_percent:.0f}% of the work: SIGKILL"
+        f"{' during a checkpoint' if crash.during_checkpoint else ''}; recovery replayed "
+        f"{rec.get('records_replayed', 0)} records ({_human_bytes(rec.get('bytes_replayed', 0))})"
+        f" in {1000 * rec.get('seconds', 0.0):.1f} ms (open: {1000 * crash.open_seconds:.1f} ms),"
+        f" cut {rec.get('truncated_bytes', 0)} torn bytes; recover(): {crash.back_to_pending}"
+        f" RUNNING task(s) -> PENDING"
+    )
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -413,110 +465,126 @@ def _human_bytes(n: float) -> str:
 def run_demo(path: Path, n_tasks: int, crashes: int, seed: int, drop_ack: bool,
              out: TextIO) -> int:
     rng = random.Random(seed)
-    kill_at = _kill_points(rng, n_tasks, crashes)
+    run = Run(expected_acks=n_tasks * (STEPS + 3))
+    bar = _Progress(out, n_tasks)
+    found = _take_baseline(path, n_tasks, run)
+    if found:
+        run.expected_acks -= (STEPS + 3) * len(run.finished)
+        bar.message(f"  reusing {path}: {found} of the tasks exist, {len(run.finished)} "
+                    f"of them done")
+    kill_at = _kill_points(rng, run.expected_acks, crashes)
     # Which kill waits for a checkpoint; if that kill misses it, the next one
     # tries again (a few extra kills at most).
     checkpoint_kill = rng.randrange(crashes) if crashes else None
     extra_kills = 3
-    run = Run()
-    bar = _Progress(out, n_tasks)
-    stderr = tempfile.TemporaryFile()
-    t_start = time.perf_counter()
-    worker_runs = 0
-    while True:
-        worker_runs += 1
-        kill_index = len(run.crashes)
-        target = kill_at[kill_index] if kill_index < len(kill_at) else None
-        wait_checkpoint = target is not None and kill_index == checkpoint_kill
-        checkpoint_after = max(1, target - len(run.acks)) if wait_checkpoint and target else 0
-        cmd = [sys.executable, "-m", "walstate.demo", "--worker", str(path),
-               "--tasks", str(n_tasks), "--checkpoint-after", str(checkpoint_after)]
-        stderr.seek(0)
-        stderr.truncate()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=_worker_env())
-        assert proc.stdout is not None
-        killed = False
-        in_checkpoint = False
-        stats: dict[str, Any] = {}
-        done = False
-        try:
-            for line in _Lines(proc.stdout.fileno()):
-                kind, _, rest = line.partition(" ")
-                if kind == "ack":
-                    k, tid, attempts, step, value = rest.split(" ")
-                    ack = Ack(worker_runs, k, tid, int(attempts), int(step), value)
-                    run.acks.append(ack)
-                    run.last_ack[tid] = ack
-                    if k == "finish":
-                        run.finished.add(tid)
-                    bar.update(len(run.finished), len(run.crashes))
-                elif kind == "stats":
-                    stats = json.loads(rest)
-                elif kind == "ckpt-begin":
-                    in_checkpoint = True
-                elif kind == "ckpt-end":
-                    in_checkpoint = False
-                elif kind == "done":
-                    done = True
-                if killed:
-                    continue
-                if (wait_checkpoint and in_checkpoint) or (
-                        not wait_checkpoint and target is not None and len(run.acks) >= target):
-                    # A random moment: not right after an acknowledgement.
-                    time.sleep(rng.uniform(0, 0.0005 if wait_checkpoint else 0.003))
-                    os.kill(proc.pid, signal.SIGKILL)
-                    killed = True  # keep reading: what it wrote before dying was acknowledged
-        finally:
-            if proc.poll() is None and not done:
-                proc.kill()
-            proc.stdout.close()
-            proc.wait()
-        run.wal_bytes_written += stats.get("wal_bytes_written", 0)
-        run.checkpoints += stats.get("checkpoints", 0)
-        if killed and proc.returncode == -signal.SIGKILL:
-            percent = min(100.0, 100.0 * len(run.acks) / (n_tasks * (STEPS + 3)))
-            crash = _recover(path, run, percent, in_checkpoint)
-            run.crashes.append(crash)
-            if wait_checkpoint and not in_checkpoint:
-                # Missed: checkpoint() returned before the kill. The next kill tries
-                # again; add one if this was the last (a few times at most).
-                assert checkpoint_kill is not None
-                checkpoint_kill += 1
-                if checkpoint_kill == len(kill_at) and extra_kills > 0:
-                    extra_kills -= 1
-                    kill_at.append(len(run.acks) + max(20, n_tasks // 10))
-            rec = crash.recovery
-            bar.message(
-                f"  crash {len(run.crashes)} at {percent:.0f}% of the work: SIGKILL"
-                f"{' during a checkpoint' if crash.during_checkpoint else ''}; recovery replayed "
-                f"{rec.get('records_replayed', 0)} records "
-                f"({_human_bytes(rec.get('bytes_replayed', 0))}) in "
-                f"{1000 * rec.get('seconds', 0.0):.1f} ms, cut {rec.get('truncated_bytes', 0)} "
-                f"torn bytes; {crash.back_to_pending} running task(s) back to PENDING")
-            continue
-        if proc.returncode == 0 and done:
-            break
-        stderr.seek(0)
-        bar.message(f"walstate demo: the worker failed (exit status {proc.returncode}):\n"
-                    + stderr.read().decode(errors="replace"))
+    stderr = tempfile.TemporaryFile()  # the worker's, shown if it fails
+    try:
+        t_start = time.perf_counter()
+        worker_runs = 0
+        while True:
+            worker_runs += 1
+            kill_index = len(run.crashes)
+            target = kill_at[kill_index] if kill_index < len(kill_at) else None
+            wait_checkpoint = target is not None and kill_index == checkpoint_kill
+            checkpoint_after = 0
+            if target is not None and wait_checkpoint:
+                checkpoint_after = max(1, target - len(run.acks))
+            cmd = [sys.executable, "-m", "walstate.demo", "--worker", str(path),
+                   "--tasks", str(n_tasks), "--checkpoint-after", str(checkpoint_after)]
+            stderr.seek(0)
+            stderr.truncate()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, env=_worker_env())
+            assert proc.stdout is not None
+            killed = False
+            in_checkpoint = False
+            stats: dict[str, Any] = {}
+            done = False
+            try:
+                for line in _Lines(proc.stdout.fileno()):
+                    kind, _, rest = line.partition(" ")
+                    if kind == "ack":
+                        k, tid, attempts, step, value = rest.split(" ")
+                        ack = Ack(worker_runs, k, tid, int(attempts), int(step), value)
+                        run.acks.append(ack)
+                        run.last_ack[tid] = ack
+                        if k == "finish":
+                            run.finished.add(tid)
+                        bar.update(len(run.finished), len(run.crashes))
+                    elif kind == "stats":
+                        stats = json.loads(rest)
+                    elif kind == "ckpt-begin":
+                        in_checkpoint = True
+                    elif kind == "ckpt-end":
+                        in_checkpoint = False
+                    elif kind == "done":
+                        done = True
+                    if killed:
+                        continue
+                    if (wait_checkpoint and in_checkpoint) or (
+                            not wait_checkpoint and target is not None and len(run.acks) >= target):
+                        # A random moment: not right after an acknowledgement (but
+                        # soon enough near the end that there is still work to kill).
+                        near_end = run.expected_acks - len(run.acks) < 100
+                        delay = 0.0005 if wait_checkpoint or near_end else 0.003
+                        time.sleep(rng.uniform(0, delay))
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed = True  # keep reading: what it wrote before dying was acknowledged
+            finally:
+                if proc.poll() is None and not done:
+                    proc.kill()
+                proc.stdout.close()
+                proc.wait()
+            run.wal_bytes_written += stats.get("wal_bytes_written", 0)
+            run.checkpoints += stats.get("checkpoints", 0)
+            if killed and proc.returncode == -signal.SIGKILL:
+                percent = min(100.0, 100.0 * len(run.acks) / max(run.expected_acks, 1))
+                crash = _recover(path, run, percent, in_checkpoint)
+                run.crashes.append(crash)
+                if wait_checkpoint and not in_checkpoint:
+                    # Missed: checkpoint() returned before the kill. The next kill tries
+                    # again; add one if this was the last (a few times at most).
+                    assert checkpoint_kill is not None
+                    checkpoint_kill += 1
+                    if checkpoint_kill == len(kill_at) and extra_kills > 0:
+                        extra_kills -= 1
+                        kill_at.append(len(run.acks) + max(20, n_tasks // 10))
+                bar.message(_crash_line(len(run.crashes), crash))
+                continue
+            if proc.returncode == 0 and done:
+                break
+            stderr.seek(0)
+            bar.message(f"walstate demo: the worker failed (exit status {proc.returncode}):\n"
+                        + stderr.read().decode(errors="replace"))
+            return 1
+    except TimeoutError as exc:
+        bar.message(f"walstate demo: the worker hangs: {exc}")
         return 1
+    finally:
+        stderr.close()
     elapsed = time.perf_counter() - t_start
     bar.update(len(run.finished), len(run.crashes))
     if bar.tty:
         out.write("\n")
 
-    problems, summary = _verify(path, n_tasks, run, drop_ack)
+    problems, resumed, last_checkpoint = _verify(path, n_tasks, run, drop_ack)
     during = sum(c.during_checkpoint for c in run.crashes)
     rec_ms = ", ".join(f"{1000 * c.recovery.get('seconds', 0.0):.1f}" for c in run.crashes)
+    worked = n_tasks - sum(1 for st, _, _ in run.baseline.values() if st == "SUCCESS")
+    short = ""
+    if len(run.crashes) < crashes:
+        short = f" (of {crashes} planned: the work ran out first; try more --tasks)"
     out.write(
         f"\nreport\n"
         f"  tasks:        {n_tasks} x {STEPS} steps, {len(run.acks)} acknowledged transitions "
         f"in {worker_runs} worker runs\n"
-        f"  crashes:      {len(run.crashes)} SIGKILLs, {during} during a checkpoint\n"
+        f"  crashes:      {len(run.crashes)} SIGKILLs{short}, {during} during a checkpoint\n"
         f"  recoveries:   {len(run.crashes)} (ms: {rec_ms or '-'})\n"
-        f"  checkpoints:  {run.checkpoints} by the workers (or more); {summary}\n"
-        f"  WAL written:  {_human_bytes(run.wal_bytes_written)} (or more)\n"
-        f"  throughput:   {n_tasks / elapsed:.0f} tasks/s, {len(run.acks) / elapsed:.0f} "
+        f"  resumed:      {resumed} task starts continued from a progress cursor\n"
+        f"  checkpoints:  {getattr(last_checkpoint, 'id', 0)} in the directory, at least "
+        f"{run.checkpoints} of them while a worker ran (max_wal_size "
+        f"{_human_bytes(ENGINE_OPTIONS['max_wal_size'])})\n"
+        f"  WAL written:  at least {_human_bytes(run.wal_bytes_written)}\n"
+        f"  throughput:   {worked / elapsed:.0f} tasks/s, {len(run.acks) / elapsed:.0f} "
         f"durable transitions/s ({elapsed:.1f} s including crashes and recoveries)\n"
     )
     if problems:
@@ -528,7 +596,7 @@ def run_demo(path: Path, n_tasks: int, crashes: int, seed: int, drop_ack: bool,
         return 1
     out.write(f"\nverification passed: all {n_tasks} tasks SUCCESS with the expected result, "
               f"each finished once; no acknowledged transition lost across "
-              f"{len(run.crashes)} crashes\n")
+              f"{len(run.crashes)} crash{'es' if len(run.crashes) != 1 else ''}\n")
     return 0
 
 
