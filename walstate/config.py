@@ -13,6 +13,11 @@ SYNC_MODES = ("always", "interval", "none")
 RECOVERY_MODES = ("tolerate_tail", "strict", "point_in_time")
 
 
+class UnknownOptionError(ConfigError, TypeError):
+    """An option name walstate does not know (a ConfigError, and a TypeError as
+    for any unexpected keyword argument)."""
+
+
 @dataclass(frozen=True)
 class Config:
     """Options of :func:`walstate.open`; see CONTRACT.md / README for meanings."""
@@ -32,17 +37,17 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("sync", self.sync, SYNC_MODES)
         _check_choice("recovery", self.recovery, RECOVERY_MODES)
-        _check_number("sync_interval", self.sync_interval, low=0.001)
-        _check_number("checkpoint_timeout", self.checkpoint_timeout, low=0.001)
-        _check_int("max_wal_size", self.max_wal_size, low=64 * 1024)
+        _check_positive("sync_interval", self.sync_interval)
+        _check_positive("checkpoint_timeout", self.checkpoint_timeout)
+        _check_int("max_wal_size", self.max_wal_size, low=1)
         _check_number("checkpoint_completion_target", self.checkpoint_completion_target,
                       low=0.0, high=1.0)
-        _check_int("segment_size", self.segment_size, low=64 * 1024, high=1 << 40)
+        _check_int("segment_size", self.segment_size, low=4096, high=1 << 40)
         if not isinstance(self.read_only, bool):
             raise ConfigError("read_only", f"must be a bool, not {self.read_only!r}")
         _check_int("map_size", self.map_size, low=1 * MiB)
         if self.max_recovery_seconds is not None:
-            _check_number("max_recovery_seconds", self.max_recovery_seconds, low=0.001)
+            _check_positive("max_recovery_seconds", self.max_recovery_seconds)
         _check_int("wal_buffer_size", self.wal_buffer_size, low=4096, high=1 << 30)
 
     @classmethod
@@ -51,7 +56,8 @@ class Config:
         names = {f.name for f in fields(cls)}
         for name in options:
             if name not in names:
-                raise ConfigError(name, "unknown option")
+                raise UnknownOptionError(name, "unknown option (the options are: "
+                                         + ", ".join(sorted(names)) + ")")
         if config is None:
             return cls(**options)  # type: ignore[arg-type]
         if not isinstance(config, Config):
@@ -72,6 +78,12 @@ def _check_number(name: str, value: object, low: float | None = None,
         raise ConfigError(name, f"must be >= {low}, not {value!r}")
     if high is not None and value > high:
         raise ConfigError(name, f"must be <= {high}, not {value!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    _check_number(name, value)
+    if value <= 0:  # type: ignore[operator]
+        raise ConfigError(name, f"must be > 0, not {value!r}")
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:
