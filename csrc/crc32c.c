@@ -80,7 +80,7 @@ __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t c, const uint8
 static int detect_hw(void)
 {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("sse4.2");
+    return __builtin_cpu_supports("sse4.2") != 0;
 }
 #elif defined(__aarch64__) && defined(__GNUC__)
 #include <sys/auxv.h>

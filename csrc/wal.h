@@ -131,9 +131,10 @@ void wal_reader_end(wal_reader_t *r, wal_end_t *end);
 void wal_reader_close(wal_reader_t *r);
 
 /* Cuts the log at (segment seg_first_lsn, offset): the bytes from offset up to
- * the last non-zero byte are copied into "<segment>.<offset>.broken" (fsynced)
- * and every later segment is renamed to "<name>.broken"; then the segment is
- * truncated to offset and preallocated again, and everything fsynced.
+ * the last non-zero byte are copied into "<segment>.<offset>.broken" (fsynced),
+ * every later segment is renamed to "<name>.broken", the directory fsynced;
+ * then the cut bytes are zeroed in place (the space stays allocated) and the
+ * segment fdatasynced.
  * offset <= WAL_SEG_HDR_SIZE renames the whole segment away. *cut_bytes: bytes kept aside. */
 int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *cut_bytes);
 

@@ -51,7 +51,7 @@ def raise_for(rc: int, what: str, path: str | os.PathLike[str] | None = None, *,
     p = os.fspath(path) if path is not None else None
     where = f" ({p})" if p else ""
     msg = f"{what}{where}: {strerror(rc)}"
-    if rc == lib.WAL_EPOISONED or (poisoned and rc != -errno.ENOSPC):
+    if rc == lib.WAL_EPOISONED or poisoned:
         raise EngineFailedError(
             f"{msg}; the write-ahead log failed and durability is unknown: writes are "
             "refused until the directory is reopened (which recovers from disk)")

@@ -270,7 +270,7 @@ class Engine:
         wal = self._wal
         try:
             with self._lock:
-                lsn = wal.put(key, value)  # type: ignore[union-attr]
+                lsn = wal.put_serialized(key, value)  # type: ignore[union-attr]
                 self._active[key] = value
                 self._last_lsn = lsn
                 self._puts += 1

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The C WAL's test suite once more, against a second build of walstate._walc made
+# with AddressSanitizer + UndefinedBehaviorSanitizer (WALSTATE_SANITIZE=1, see
+# csrc/build_ffi.py). The build goes to a temporary directory; the installed
+# package and the source tree are left alone.
+#
+#   .ci/asan.sh [extra pytest args]
+#
+# Env: PYTHON (default python3), KEEP=1 keeps the build directory.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-python3}
+TESTS=(tests/test_wal.py tests/test_wal_fuzz.py tests/test_crc32c.py)
+
+BUILD=$(mktemp -d "${TMPDIR:-/tmp}/walstate-asan.XXXXXX")
+if [ "${KEEP:-0}" != 1 ]; then
+    trap 'rm -rf "$BUILD"' EXIT
+fi
+
+# 1. the pure-Python package, without its compiled module
+mkdir -p "$BUILD/pkg/walstate"
+cp "$REPO"/walstate/*.py "$REPO"/walstate/py.typed "$BUILD/pkg/walstate/"
+
+# 2. the sanitized extension, compiled with cffi in $BUILD/obj (cffi compiles from
+#    inside its tmpdir, where build_ffi.py's relative csrc/ paths must resolve)
+mkdir -p "$BUILD/obj"
+cp -r "$REPO/csrc" "$BUILD/obj/csrc"
+echo "== building walstate._walc with -fsanitize=address,undefined in $BUILD"
+(cd "$REPO" && WALSTATE_SANITIZE=1 "$PY" - "$BUILD/obj" <<'EOF'
+import importlib.util
+import sys
+
+spec = importlib.util.spec_from_file_location("build_ffi", "csrc/build_ffi.py")
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+print(mod.ffibuilder.compile(tmpdir=sys.argv[1], verbose=False))
+EOF
+) > "$BUILD/build.log" 2>&1 || { cat "$BUILD/build.log"; exit 1; }
+SO=$(find "$BUILD/obj" -name '_walc*.so' | head -n 1)
+[ -n "$SO" ] || { cat "$BUILD/build.log"; echo "asan.sh: no _walc*.so built" >&2; exit 1; }
+if grep -E 'warning:' "$BUILD/build.log"; then
+    echo "asan.sh: the sanitized build has compiler warnings" >&2
+    exit 1
+fi
+nm -D "$SO" > "$BUILD/symbols"
+grep -q ' U __asan_init' "$BUILD/symbols" || { echo "asan.sh: $SO lacks ASan" >&2; exit 1; }
+grep -q ' U __ubsan_' "$BUILD/symbols" || { echo "asan.sh: $SO lacks UBSan" >&2; exit 1; }
+cp "$SO" "$BUILD/pkg/walstate/"
+
+# 3. run the tests against it: PYTHONPATH puts the sanitized package first (the
+#    editable install's finder comes after sys.path); the cwd is not the repo, so
+#    the source tree's walstate/ (with its unsanitized .so) is not importable;
+#    subprocesses the tests start inherit all of this.
+export PYTHONPATH="$BUILD/pkg${PYTHONPATH:+:$PYTHONPATH}"
+LD_PRELOAD="$(gcc -print-file-name=libasan.so)"
+export LD_PRELOAD
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
+cd "$BUILD"
+"$PY" -c '
+import sys, walstate._walc as m
+if not m.__file__.startswith(sys.argv[1]):
+    sys.exit(f"asan.sh: imported {m.__file__}, not the sanitized build")
+print("== testing", m.__file__)
+' "$BUILD/pkg"
+ARGS=()
+for t in "${TESTS[@]}"; do ARGS+=("$REPO/$t"); done
+# (not exec: the EXIT trap removes the build directory afterwards)
+"$PY" -m pytest --rootdir="$REPO" -c "$REPO/pyproject.toml" -p no:cacheprovider -q \
+    "${ARGS[@]}" "$@"
