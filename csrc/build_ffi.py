@@ -77,6 +77,8 @@ int wal_remove_below(wal_t *w, uint64_t lsn, uint64_t *bytes_removed, uint64_t *
 void wal_get_stats(wal_t *w, wal_stats_t *st);
 int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out);
 int wal_reader_next(wal_reader_t *r, wal_record_t *rec);
+int wal_reader_batch(wal_reader_t *r, size_t max, uint64_t *lsn, uint8_t *type, uint64_t *off,
+                     uint64_t *len, const uint8_t **base);
 void wal_reader_end(wal_reader_t *r, wal_end_t *end);
 void wal_reader_close(wal_reader_t *r);
 int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *cut_bytes);

@@ -125,6 +125,13 @@ int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_
 /* 1: *rec is the next record; 0: the log ended (see wal_reader_end); <0: error. */
 int wal_reader_next(wal_reader_t *r, wal_record_t *rec);
 
+/* Up to `max` next records at once, all from one segment (replay's fast path).
+ * For record i: lsn[i], type[i], and its payload at base + off[i], len[i] bytes;
+ * *base stays valid until the next call on the reader. Returns the count (> 0),
+ * 0 when the log ended (see wal_reader_end), or < 0 on error. */
+int wal_reader_batch(wal_reader_t *r, size_t max, uint64_t *lsn, uint8_t *type, uint64_t *off,
+                     uint64_t *len, const uint8_t **base);
+
 /* Fills *end with how reading ended (status WAL_END_NONE while records remain). */
 void wal_reader_end(wal_reader_t *r, wal_end_t *end);
 

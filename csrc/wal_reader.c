@@ -149,6 +149,16 @@ static int load_segment(wal_reader_t *r)
     return 0;
 }
 
+/* Moves past the valid record `rec` that starts at r->off. */
+static void accept(wal_reader_t *r, wal_record_t *rec)
+{
+    r->off += WAL_REC_HDR_SIZE + rec->len;
+    r->end.last_lsn = rec->lsn;
+    r->end.bytes += WAL_REC_HDR_SIZE + rec->len;
+    r->expected++;
+    rec->seg_first_lsn = r->hdr.first_lsn;
+}
+
 int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out)
 {
     *out = NULL;
@@ -197,11 +207,7 @@ int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
                 stop(r, WAL_END_ERROR, WAL_ECORRUPT, r->off);
                 return WAL_ECORRUPT;
             }
-            r->off += WAL_REC_HDR_SIZE + rec->len;
-            r->end.last_lsn = rec->lsn;
-            r->end.bytes += WAL_REC_HDR_SIZE + rec->len;
-            r->expected++;
-            rec->seg_first_lsn = r->hdr.first_lsn;
+            accept(r, rec);
             if (rec->lsn < r->from_lsn)
                 continue;
             return 1;
@@ -211,6 +217,34 @@ int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
         r->idx++;
         r->loaded = 0;
     }
+}
+
+int wal_reader_batch(wal_reader_t *r, size_t max, uint64_t *lsn, uint8_t *type, uint64_t *off,
+                     uint64_t *len, const uint8_t **base)
+{
+    wal_record_t rec;
+    size_t n = 0;
+    *base = NULL;
+    if (max == 0)
+        return 0;
+    int rc = wal_reader_next(r, &rec); /* the first may load a segment */
+    if (rc <= 0)
+        return rc;
+    for (;;) {
+        lsn[n] = rec.lsn;
+        type[n] = rec.type;
+        off[n] = (uint64_t)(rec.payload - r->buf);
+        len[n] = rec.len;
+        n++;
+        /* the rest only from the same segment buffer; anything else (its end,
+         * an invalid record) is left to the next wal_reader_next call */
+        if (n == max || !rec_parse(r->buf, r->len, r->off, r->hdr.salt, &rec) ||
+            rec.lsn != r->expected)
+            break;
+        accept(r, &rec);
+    }
+    *base = r->buf;
+    return (int)n;
 }
 
 void wal_reader_end(wal_reader_t *r, wal_end_t *end)

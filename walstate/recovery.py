@@ -54,25 +54,26 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     decode = codec.decode
     put, delete = codec.PUT, codec.DELETE
     with WalReader(wal_dir, system_id, snapshot_lsn + 1) as reader:
-        for lsn, rtype, payload in reader.iter_raw():
-            if rtype == put:  # the common case, inlined
-                klen = payload[0] | payload[1] << 8
-                table[payload[2:2 + klen]] = payload[2 + klen:]
-            elif rtype == delete:
-                table[payload] = None
-            elif rtype & codec.IGNORABLE:
-                last, last_type = lsn, rtype
-                continue
-            else:
-                try:
-                    for k, v in decode(rtype, payload):
-                        table[k] = v
-                except ValueError as exc:
-                    raise CorruptionError(f"WAL record {lsn} does not decode: {exc}",
-                                          lsn=lsn) from None
-            records += 1
-            nbytes += 28 + len(payload)
-            last, last_type = lsn, rtype
+        for data, lsns, types, offs, lens in reader.iter_batches():
+            for rtype, o, n in zip(types, offs, lens):
+                if rtype == put:  # the common case, inlined
+                    k = o + 2 + (data[o] | data[o + 1] << 8)
+                    table[data[o + 2:k]] = data[k:o + n]
+                elif rtype == delete:
+                    table[data[o:o + n]] = None
+                elif rtype & codec.IGNORABLE:
+                    continue
+                else:
+                    try:
+                        for k, v in decode(rtype, data[o:o + n]):
+                            table[k] = v
+                    except ValueError as exc:
+                        raise CorruptionError(f"WAL record does not decode: {exc}") from None
+            for rtype, n in zip(types, lens):
+                if not rtype & codec.IGNORABLE:
+                    records += 1
+                    nbytes += 28 + n
+            last, last_type = lsns[-1], types[-1]
         end = reader.end
 
     truncated = 0
