@@ -17,7 +17,7 @@ def read_batches(wal_dir: Path, from_lsn: int, max_records: int):
     with WalReader(os.fspath(wal_dir), SYSTEM_ID, from_lsn) as r:
         for data, lsns, types, offs, lens in r.iter_batches(max_records):
             assert len(lsns) == len(types) == len(offs) == len(lens) <= max_records
-            for lsn, t, o, n in zip(lsns, types, offs, lens):
+            for lsn, t, o, n in zip(lsns, types, offs, lens, strict=True):
                 out.append((lsn, t, data[o:o + n]))
         end = r.end
     return out, end

@@ -55,7 +55,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     put, delete = codec.PUT, codec.DELETE
     with WalReader(wal_dir, system_id, snapshot_lsn + 1) as reader:
         for data, lsns, types, offs, lens in reader.iter_batches():
-            for rtype, o, n in zip(types, offs, lens):
+            for rtype, o, n in zip(types, offs, lens, strict=True):
                 if rtype == put:  # the common case, inlined
                     k = o + 2 + (data[o] | data[o + 1] << 8)
                     table[data[o + 2:k]] = data[k:o + n]
@@ -69,7 +69,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
                             table[k] = v
                     except ValueError as exc:
                         raise CorruptionError(f"WAL record does not decode: {exc}") from None
-            for rtype, n in zip(types, lens):
+            for rtype, n in zip(types, lens, strict=True):
                 if not rtype & codec.IGNORABLE:
                     records += 1
                     nbytes += 28 + n
