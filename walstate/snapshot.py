@@ -20,7 +20,13 @@ from collections.abc import Iterator
 
 import lmdb
 
-from .errors import CorruptionError, DiskFullError, EngineFailedError, MismatchError
+from .errors import (
+    CorruptionError,
+    DiskFullError,
+    EngineFailedError,
+    MismatchError,
+    WalStateError,
+)
 from .layout import FORMAT_VERSION, fsync_dir
 from .wal import crc32c
 
@@ -225,9 +231,12 @@ class Snapshot:
             deadline = time.monotonic() + 10.0
             while self._readers:
                 if time.monotonic() > deadline:
-                    raise EngineFailedError(
+                    # not a failure of the engine: the checkpoint keeps its WAL and
+                    # is retried later
+                    raise WalStateError(
                         f"growing the snapshot map ({self.path}): readers (open items() "
-                        "iterators) did not finish within 10 s")
+                        "iterators) did not finish within 10 s; the checkpoint is retried "
+                        "later")
                 time.sleep(0.001)
             try:
                 self.env.set_mapsize(new)
