@@ -102,6 +102,8 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         # bytes/second of replay measured at open; the default is conservative
         self.replay_rate = 50e6
+        self.archiver: Any = None  # walstate.archive.Archiver when archive_dir is set
+        self._slow_fsyncs = 0  # fsyncs above slow_fsync_seconds already logged
 
     # ---- background scheduling --------------------------------------------
     def start(self) -> None:
@@ -150,6 +152,7 @@ class Checkpointer:
 
     def _loop(self) -> None:
         while True:
+            self._watch_fsync()
             with self._cv:
                 if self._stop:
                     return
@@ -241,7 +244,9 @@ class Checkpointer:
         _kill("checkpoint_before_remove")
         removed_bytes = removed_segs = 0
         try:
-            removed_bytes, removed_segs = self.wal.remove_below(lsn)
+            # archive_dir: only segments safely archived may go (walstate/archive.py)
+            bound = self.archiver.before_remove(lsn) if self.archiver is not None else lsn
+            removed_bytes, removed_segs = self.wal.remove_below(bound)
         except OSError as exc:
             # the checkpoint stands; the segments go at the next one
             log.warning("checkpoint %d: removing old WAL failed: %s", cid, exc)
@@ -258,7 +263,31 @@ class Checkpointer:
                  "sync=%.3f s, total=%.3f s; WAL removed %d segment(s), %d bytes", cid, reason,
                  lsn, keys, info.snapshot_bytes, write_s, sync_s,
                  info.finished_at - started_at, removed_segs, removed_bytes)
+        if target > 0 and info.finished_at - started_at > 1.5 * target + 1.0:
+            log.warning("checkpoint %d fell behind schedule: it took %.1f s, its target was "
+                        "%.1f s (checkpoint_completion_target); the WAL grows past "
+                        "max_wal_size meanwhile: the disk is too slow for this write rate",
+                        cid, info.finished_at - started_at, target)
         return info
+
+    def _watch_fsync(self) -> None:
+        """Warns about fsyncs slower than ``slow_fsync_seconds`` (from the C log's
+        latency histogram; off the write path: the background loop calls it)."""
+        if self.wal is None:
+            return
+        try:
+            st = self.wal.stats()
+        except WalStateError:
+            return
+        limit_us = self.config.slow_fsync_seconds * 1e6
+        # bucket b holds latencies in [2^b, 2^(b+1)) microseconds
+        slow = sum(n for b, n in enumerate(st["fsync_hist"]) if 2 ** b >= limit_us)
+        if slow > self._slow_fsyncs:
+            log.warning("%d WAL fsync(s) took longer than %.3f s (slowest %.3f s): the "
+                        "disk is slow or overloaded; writes wait that long under "
+                        "sync='always'", slow - self._slow_fsyncs,
+                        self.config.slow_fsync_seconds, st["fsync_ns_max"] / 1e9)
+            self._slow_fsyncs = slow
 
     def _pace(self, t0: float, target: float, progress: float, wal_at_start: int) -> None:
         """Sleeps while the checkpoint is ahead of schedule, on time and on WAL."""

@@ -1,4 +1,6 @@
-"""The ``walstate`` command: info, dump, verify, checkpoint, bench, demo.
+"""The ``walstate`` command: info, dump, verify, checkpoint, repair, doctor,
+backup, restore, bench, demo. The work of repair, doctor, backup and restore
+lives in walstate/repair.py, doctor.py and backup.py; this is the dispatcher.
 
 Exit codes: 0 success, 1 a failure the command reports (corruption, locked,
 ...), 2 bad usage.
@@ -16,7 +18,8 @@ from typing import Any
 
 from . import codec
 from .errors import WalStateError
-from .layout import Layout, lock_is_held, read_lock_holder, read_marker
+from .layout import Layout, lock_is_held, read_json, read_lock_holder, read_marker
+from .progress import Progress
 from .wal import WalReader, list_segments
 
 
@@ -48,6 +51,11 @@ def cmd_info(args: argparse.Namespace) -> int:
         info = db.info()
         info["snapshot_keys"] = db._snapshot.entries() if db._snapshot else 0  # noqa: SLF001
     info["locked"] = lock_is_held(lay)
+    info["backup_label"] = read_json(lay.backup_label)
+    if info.get("archive") is None:
+        from .archive import read_status
+
+        info["archive"] = read_status(lay)
     info["lock_holder"] = read_lock_holder(lay) if info["locked"] else None
     if args.json:
         _print_json(info)
@@ -73,6 +81,18 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("tail", f"{rec['end']} ({rec['truncated_bytes']} bytes would be cut)"),
         ("lock", "free" if not info["locked"] else f"held by {info['lock_holder']}"),
     ]
+    bl = info["backup_label"]
+    if bl:
+        lines.append(("backup_label", f"{bl.get('label') or '(no label)'}: {bl.get('kind')} "
+                      f"at LSN {bl.get('lsn')}, created {bl.get('created_at', 0):.3f}"))
+    arch = info["archive"]
+    if arch:
+        state = ("FAILING: " + str(arch.get("last_error")) if arch.get("failing") else
+                 "ABANDONED segments (holes " + str(arch.get("holes")) + ")"
+                 if arch.get("abandoned") else "ok")
+        lines.append(("archive", f"{arch.get('dir')} up to LSN {arch.get('last_archived_lsn')}"
+                      f", {arch.get('failures')} failure(s), lag {arch.get('lag_bytes')} "
+                      f"bytes; {state}"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
@@ -162,7 +182,7 @@ def _end_text(end: Any) -> str:
 
 
 # ---- verify -----------------------------------------------------------------
-def verify(path: str) -> list[str]:
+def verify(path: str, progress: Progress | None = None) -> list[str]:
     """Every problem found in the directory at ``path`` (empty: clean)."""
     from .errors import CorruptionError, MismatchError
     from .snapshot import Snapshot
@@ -198,10 +218,13 @@ def verify(path: str) -> list[str]:
     if not segs:
         problems.append(f"{lay.wal}: no WAL segment")
     else:
+        prog = progress or Progress("verify", enabled=False)
+        prog.total = sum(os.path.getsize(p) for _l, p in segs if os.path.exists(p))
         with WalReader(lay.wal, system_id, 0) as r:
-            for _ in r.iter_raw():
-                pass
+            for _lsn, _t, payload in r.iter_raw():
+                prog.advance(28 + len(payload))
             end = r.end
+        prog.done()
         if end.status != "clean":
             problems.append(f"WAL: {_end_text(end)}")
         if snap_lsn is not None and segs[0][0] > snap_lsn + 1:
@@ -211,7 +234,7 @@ def verify(path: str) -> list[str]:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    problems = verify(args.dir)
+    problems = verify(args.dir, Progress("verify", enabled=None if not args.json else False))
     if args.json:
         _print_json({"ok": not problems, "problems": problems})
     elif problems:
@@ -235,6 +258,95 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print(f"checkpoint {info.id}: lsn {info.lsn}, {info.keys_written} keys, "
               f"{info.wal_bytes_removed} WAL bytes removed, "
               f"{info.finished_at - info.started_at:.3f} s")
+    return 0
+
+
+# ---- repair / doctor / backup / restore ------------------------------------------
+def cmd_repair(args: argparse.Namespace) -> int:
+    from . import repair
+
+    _require_dir(args.dir)
+    if args.apply:
+        findings = repair.apply(args.dir, accept_data_loss=args.accept_data_loss)
+    else:
+        findings = repair.diagnose(args.dir)
+    remaining = [f for f in findings if not f.applied and f.kind != "old_damage"]
+    if args.json:
+        _print_json({"dir": os.path.abspath(args.dir), "applied": args.apply,
+                     "findings": [f.as_dict() for f in findings], "ok": not remaining})
+    elif not findings:
+        print(f"{os.path.abspath(args.dir)}: nothing to repair (the log reads cleanly from the "
+              "checkpoint on)")
+    else:
+        for f in findings:
+            print(f"{f.kind}: {f.detail}")
+            if args.apply:
+                print(f"  -> {f.result or 'nothing to do'}")
+            elif f.action:
+                need = " (needs --accept-data-loss)" if f.data_loss else ""
+                print(f"  would: {f.action}{need}")
+            else:
+                print("  would: nothing (repair cannot fix this: restore from a backup)"
+                      if f.kind not in ("old_damage", "locked") else "  would: nothing")
+        if not args.apply and any(f.fixable for f in findings):
+            print("dry run: nothing changed; run again with --apply")
+    return 1 if remaining else 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from . import doctor
+    from .config import Config
+
+    opts = {k: v for k, v in (("max_wal_size", args.max_wal_size),
+                              ("map_size", args.map_size)) if v is not None}
+    checks = doctor.run_checks(args.dir, Config(**opts))
+    failed = any(c.status == "FAIL" for c in checks)
+    if args.json:
+        _print_json({"ok": not failed, "checks": [c.as_dict() for c in checks]})
+    else:
+        for c in checks:
+            print(f"{c.status:<4}  {c.name:<12}  {c.detail}")
+    return 1 if failed else 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from . import backup
+
+    _require_dir(args.dir)
+    res = backup.backup(args.dir, args.dest, label=args.label,
+                        progress=Progress("backup", enabled=None if not args.json else False))
+    if args.json:
+        _print_json(res.as_dict())
+    else:
+        print(f"backup {res.label or '(no label)'} in {res.path}: every write up to LSN "
+              f"{res.lsn} (snapshot LSN {res.checkpoint_lsn}, {res.segments} WAL segment(s), "
+              f"{res.bytes} bytes, {res.attempts} attempt(s))")
+        for n in res.notes:
+            print(f"  note: {n}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from . import backup
+
+    _require_dir(args.backup)
+    to_time = backup.parse_time(args.to_time) if args.to_time is not None else None
+    archive = args.archive_dir
+    if archive is None and not args.no_archive:
+        label = read_json(Layout(os.path.abspath(args.backup)).backup_label) or {}
+        archive = label.get("archive_dir")
+        if archive and not os.path.isdir(archive):
+            archive = None
+    res = backup.restore(args.backup, args.dest, archive_dir=archive, to_lsn=args.to_lsn,
+                         to_time=to_time,
+                         progress=Progress("restore", enabled=None if not args.json else False))
+    if args.json:
+        _print_json({**res.as_dict(), "archive_dir": archive})
+    else:
+        print(f"restored {os.path.abspath(args.backup)} into {res.path}: every write up to LSN "
+              f"{res.lsn} (archive: {archive or 'none'})")
+        for n in res.notes:
+            print(f"  note: {n}")
     return 0
 
 
@@ -281,6 +393,47 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_checkpoint)
 
+    s = sub.add_parser("repair", help="classify WAL damage and say what would be done (dry "
+                       "run); --apply does it")
+    s.add_argument("dir")
+    s.add_argument("--dry-run", action="store_true", help="the default: change nothing")
+    s.add_argument("--apply", action="store_true", help="cut a torn tail, move foreign "
+                   "segments aside (cut bytes kept in .broken files)")
+    s.add_argument("--accept-data-loss", action="store_true", help="with --apply: also cut "
+                   "mid-log damage, keeping the valid prefix only")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_repair)
+
+    s = sub.add_parser("doctor", help="pre-flight checks: path, permissions, space, "
+                       "filesystem, lock, LMDB map, .broken files, WAL, archive")
+    s.add_argument("dir")
+    s.add_argument("--max-wal-size", type=int, default=None, help="bytes (default: the "
+                   "engine's default)")
+    s.add_argument("--map-size", type=int, default=None, help="bytes")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("backup", help="hot, consistent backup into DEST (a data directory)")
+    s.add_argument("dir")
+    s.add_argument("dest")
+    s.add_argument("--label", default=None, help="a name kept in DEST/BACKUP_LABEL")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_backup)
+
+    s = sub.add_parser("restore", help="point-in-time restore of a backup plus archived WAL "
+                       "into DEST")
+    s.add_argument("backup")
+    s.add_argument("dest")
+    s.add_argument("--archive-dir", default=None, help="the WAL archive (default: the one "
+                   "the backup's source used)")
+    s.add_argument("--no-archive", action="store_true", help="restore the backup alone")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--to-lsn", type=int, default=None, help="stop after this LSN exactly")
+    g.add_argument("--to-time", default=None, help="epoch seconds or ISO 8601: up to the last "
+                   "archived segment written at or before it (segment granularity)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_restore)
+
     s = sub.add_parser("bench", help="throughput against sqlite3, LMDB and raw loops")
     s.add_argument("--quick", action="store_true", help="a short run (smoke test)")
     s.add_argument("--json", action="store_true")
@@ -305,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (WalStateError, OSError) as exc:
+    except (WalStateError, OSError, ValueError) as exc:
         print(f"walstate {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
@@ -33,6 +34,13 @@ class Config:
     map_size: int = 1024 * MiB
     max_recovery_seconds: float | None = None
     wal_buffer_size: int = 1 * MiB
+    # WAL archiving (walstate/archive.py): segments a checkpoint would remove are
+    # copied here first; None disables archiving.
+    archive_dir: str | None = None
+    # unarchived WAL retained at most (bytes) before segments are removed anyway
+    max_archive_lag_bytes: int | None = None
+    # an fsync slower than this is logged as a warning (checked off the write path)
+    slow_fsync_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("sync", self.sync, SYNC_MODES)
@@ -49,6 +57,16 @@ class Config:
         if self.max_recovery_seconds is not None:
             _check_positive("max_recovery_seconds", self.max_recovery_seconds)
         _check_int("wal_buffer_size", self.wal_buffer_size, low=4096, high=1 << 30)
+        if self.archive_dir is not None:
+            if not isinstance(self.archive_dir, (str, os.PathLike)) or not os.fspath(
+                    self.archive_dir):
+                raise ConfigError("archive_dir", f"must be a path or None, not "
+                                  f"{self.archive_dir!r}")
+            object.__setattr__(self, "archive_dir",
+                               os.path.abspath(os.fsdecode(os.fspath(self.archive_dir))))
+        if self.max_archive_lag_bytes is not None:
+            _check_int("max_archive_lag_bytes", self.max_archive_lag_bytes, low=0)
+        _check_number("slow_fsync_seconds", self.slow_fsync_seconds, low=0.0)
 
     @classmethod
     def from_options(cls, config: Config | None, options: dict[str, object]) -> Config:

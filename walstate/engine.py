@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _testing, codec
+from .archive import Archiver
 from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
 from .config import Config
 from .errors import (
@@ -174,6 +175,7 @@ class Engine:
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
             clock=self._clock, last=last, last_lsn=snap_lsn)
+        self._checkpointer.archiver = Archiver.from_config(cfg, lay, self.system_id)
         secs = rec.report["seconds"]
         if rec.report["bytes_replayed"] > 1 << 20 and secs > 0:
             self._checkpointer.replay_rate = rec.report["bytes_replayed"] / secs
@@ -484,6 +486,7 @@ class Engine:
             "read_only": self.config.read_only,
             "sync": self.config.sync,
             "failed": str(self._failed) if self._failed else None,
+            "archive": ck.archiver.info() if ck and ck.archiver else None,
         }
         since = self._wal_bytes_since_checkpoint()
         out["wal_bytes_since_checkpoint"] = since

@@ -8,6 +8,11 @@ are published durably.
     DIR/LOCK          flock'ed by the writer; holds its pid, host and start time
     DIR/wal/          WAL segments <16 hex digits of first LSN>.seg (docs/FORMAT.md)
     DIR/snapshot/     the LMDB environment holding the checkpointed state
+    DIR/BACKUP_LABEL  only in a directory made by ``walstate backup``/``restore``:
+                      JSON {label, lsn, checkpoint_lsn, created_at, source, ...}
+    DIR/ARCHIVE_STATUS  with ``archive_dir`` set: JSON state of WAL archiving
+                      (last archived LSN, failures, last error), for info/doctor
+    ARCHIVE/WALSTATE_ARCHIVE  the archive's owner (system_id); segments as in DIR/wal
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ MARKER = "WALSTATE"
 LOCK = "LOCK"
 WAL_DIR = "wal"
 SNAPSHOT_DIR = "snapshot"
+BACKUP_LABEL = "BACKUP_LABEL"
+ARCHIVE_STATUS = "ARCHIVE_STATUS"
+ARCHIVE_MARKER = "WALSTATE_ARCHIVE"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,14 @@ class Layout:
     @property
     def snapshot(self) -> str:
         return os.path.join(self.root, SNAPSHOT_DIR)
+
+    @property
+    def backup_label(self) -> str:
+        return os.path.join(self.root, BACKUP_LABEL)
+
+    @property
+    def archive_status(self) -> str:
+        return os.path.join(self.root, ARCHIVE_STATUS)
 
 
 def fsync_dir(path: str) -> None:
@@ -110,6 +126,16 @@ def read_marker(layout: Layout) -> dict | None:
         raise CorruptionError(f"the creation marker {layout.marker} is unreadable: {exc}",
                               path=layout.marker) from None
     return marker
+
+
+def read_json(path: str) -> dict | None:
+    """A small JSON file written by write_atomic, or None if missing/unreadable."""
+    try:
+        with open(path, "rb") as f:
+            out = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def write_marker(layout: Layout, system_id: int) -> dict:
