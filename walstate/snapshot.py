@@ -55,6 +55,12 @@ class Snapshot:
     """The LMDB environment under DIR/snapshot."""
 
     def __init__(self, path: str, *, map_size: int, read_only: bool, create: bool) -> None:
+        """A read-only snapshot is opened without LMDB's lock file, so that it changes
+        no byte on disk; it then has no reader slot, and a writer in another
+        process may recycle the pages of a read once it has committed two more
+        transactions. Reads therefore validate themselves: a read whose
+        transaction fell two or more behind the writer is retried (get) or
+        refused (items), never returned."""
         self.path = path
         self.read_only = read_only
         data_file = os.path.join(path, "data.mdb")
@@ -143,12 +149,29 @@ class Snapshot:
         self._readers.discard(tok)
 
     def get(self, key: bytes) -> bytes | None:
+        if self.read_only:
+            return self._get_validated(key)
         tok = self.enter()
         try:
             with self.env.begin(db=self.data) as txn:
                 return txn.get(key)
         finally:
             self._readers.discard(tok)
+
+    def _still_valid(self, txnid: int) -> bool:
+        """True if pages seen by read transaction ``txnid`` cannot have been recycled
+        by a writer that does not know about us (see __init__)."""
+        return self.env.info()["last_txnid"] <= txnid + 1
+
+    def _get_validated(self, key: bytes) -> bytes | None:
+        for _ in range(100):
+            with self.env.begin(db=self.data) as txn:
+                tid = txn.id()
+                value = txn.get(key)
+            if self._still_valid(tid):
+                return value
+        raise WalStateError(f"read-only read of {self.path}: the writer kept recycling pages "
+                            "under the read; retry")
 
     def items(self, start: bytes | None, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
         """Key-ordered (key, value) in [start, stop) from one read transaction.
@@ -172,12 +195,31 @@ class Snapshot:
         try:
             cur = txn.cursor()
             ok = cur.set_range(start) if start is not None else cur.first()
+            if not self.read_only:
+                while ok:
+                    k = cur.key()
+                    if stop is not None and k >= stop:
+                        break
+                    yield k, cur.value()
+                    ok = cur.next()
+                return
+            # read-only: read a chunk, check it could not have been recycled, yield it
+            tid = txn.id()
             while ok:
-                k = cur.key()
-                if stop is not None and k >= stop:
-                    break
-                yield k, cur.value()
-                ok = cur.next()
+                chunk = []
+                while ok and len(chunk) < 256:
+                    k = cur.key()
+                    if stop is not None and k >= stop:
+                        ok = False
+                        break
+                    chunk.append((k, cur.value()))
+                    ok = cur.next()
+                if not self._still_valid(tid):
+                    raise WalStateError(
+                        f"read-only scan of {self.path}: a writer in another process changed "
+                        "the snapshot under the scan (a read-only open holds no LMDB reader "
+                        "slot); run the scan again")
+                yield from chunk
         finally:
             txn.abort()
             self.leave(tok)
