@@ -112,7 +112,7 @@ class Engine:
         self._active: dict[bytes, bytes | None] = {}
         self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
         self._last_lsn = 0
-        self._puts = self._deletes = self._batches = 0
+        self._counts = {"puts": 0, "deletes": 0, "batches": 0}
         self._wal_bytes = 0          # record bytes appended since open
         self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
         try:
@@ -269,22 +269,17 @@ class Engine:
             key = codec.as_key(key)
         if type(value) is not bytes or len(value) > codec.MAX_VALUE:
             value = codec.as_value(value)
-        wal = self._wal
         try:
             with self._lock:
-                lsn = wal.put_serialized(key, value)  # type: ignore[union-attr]
+                lsn = self._wal.put_serialized(key, value)  # type: ignore[union-attr]
                 self._active[key] = value
                 self._last_lsn = lsn
-                self._puts += 1
+                self._counts["puts"] += 1
                 self._wal_bytes += REC_OVERHEAD + 2 + len(key) + len(value)
-            if self.config.sync == "always":
-                wal.sync(lsn)  # type: ignore[union-attr]
         except EngineFailedError as exc:
             self._fail(exc)
             raise
-        if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
-            self._checkpointer.request("wal_size")  # type: ignore[union-attr]
-        return lsn
+        return self._acknowledge(lsn)
 
     def delete(self, key: bytes) -> int:
         """Appends a DELETE (of a key that may not exist); returns its LSN."""
@@ -301,22 +296,31 @@ class Engine:
         self._check_write()
         return self._commit(codec.BATCH, codec.encode_batch(ops), ops, "batches")
 
-    def _commit(self, rtype: int, payload: bytes, ops: Any, counter: str) -> int:
-        wal = self._wal
+    def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str) -> int:
+        """Appends one record holding ``ops`` and applies them (the general put())."""
         try:
             with self._lock:
-                lsn = wal.append(rtype, payload)  # type: ignore[union-attr]
+                lsn = self._wal.append(rtype, payload)  # type: ignore[union-attr]
                 active = self._active
                 for k, v in ops:
                     active[k] = v
                 self._last_lsn = lsn
-                setattr(self, "_" + counter, getattr(self, "_" + counter) + 1)
+                self._counts[kind] += 1
                 self._wal_bytes += REC_OVERHEAD + len(payload)
-            if self.config.sync == "always":
-                wal.sync(lsn)  # type: ignore[union-attr]
         except EngineFailedError as exc:
             self._fail(exc)
             raise
+        return self._acknowledge(lsn)
+
+    def _acknowledge(self, lsn: int) -> int:
+        """After an append: waits for durability per ``sync``; asks for a checkpoint
+        when the WAL since the last one is too large. Returns ``lsn``."""
+        if self.config.sync == "always":
+            try:
+                self._wal.sync(lsn)  # type: ignore[union-attr]
+            except EngineFailedError as exc:
+                self._fail(exc)
+                raise
         if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
             self._checkpointer.request("wal_size")  # type: ignore[union-attr]
         return lsn
@@ -505,9 +509,7 @@ class Engine:
         st = self._wal.stats() if self._wal is not None else {}
         ck = self._checkpointer
         return {
-            "puts": self._puts,
-            "deletes": self._deletes,
-            "batches": self._batches,
+            **self._counts,
             "wal_records": st.get("appends", 0),
             "wal_bytes_written": st.get("bytes_appended", 0),
             "fsyncs": st.get("fsyncs", 0),
