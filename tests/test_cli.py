@@ -119,6 +119,8 @@ def test_dump_json_and_filters(tmp_path: Path) -> None:
     recs = [json.loads(x) for x in run("dump", str(tmp_path / "db"), "--json").stdout.splitlines()]
     data, end = recs[:-1], recs[-1]
     assert end["end"] == "clean"
+    assert data[0]["type"] == "SESSION"  # every writable open starts with one
+    data = data[1:]
     lsns = [r["lsn"] for r in data]
     assert lsns == sorted(lsns) and len(lsns) == 22
     some = [json.loads(x) for x in run("dump", str(tmp_path / "db"), "--json", "--from-lsn",
@@ -145,13 +147,14 @@ def test_verify_bit_flip_mid_log_exits_1_and_names_where(tmp_path: Path) -> None
     d = tmp_path / "db"
     crashed_db(d, 200)
     seg = _segment_with_records(d)
-    with open(seg, "r+b") as f:  # a byte inside an early record's payload
-        f.seek(64 + 28 + 5)
+    first_put = 64 + 28  # after the segment header and the open's SESSION record
+    with open(seg, "r+b") as f:  # a byte inside the first put's payload
+        f.seek(first_put + 28 + 5)
         b = f.read(1)
-        f.seek(64 + 28 + 5)
+        f.seek(first_put + 28 + 5)
         f.write(bytes([b[0] ^ 0x10]))
     p = run("verify", str(d), check=1)
-    assert os.path.basename(seg) in p.stdout and "offset 64" in p.stdout
+    assert os.path.basename(seg) in p.stdout and f"offset {first_put}," in p.stdout
     j = json.loads(run("verify", str(d), "--json", check=1).stdout)
     assert j["ok"] is False and j["problems"]
 

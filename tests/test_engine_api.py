@@ -501,9 +501,6 @@ def test_map_size_grows_when_a_checkpoint_needs_more(path):
         assert state(db) == model
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an unfinished items() iterator keeps an LMDB read "
-                   "transaction open, so growing the map waits 10 s for it and then "
-                   "checkpoint() fails (and close() would raise) with WalStateError")
 def test_an_open_iterator_does_not_block_growing_the_map(path):
     rng = random.Random(4)
     db = walstate.open(path, map_size=1 * MiB)
@@ -550,13 +547,8 @@ def test_checkpoint_completion_target_values_all_complete(path, target):
 
 
 # ---- LSNs ------------------------------------------------------------------------
-LSN_REUSE_BUG = ("bug: under sync='none'/'interval', a crash that lost every record written "
-                 "since a clean close reuses their LSNs: recovery sees the previous "
-                 "session's SHUTDOWN record at the end of the log and skips no LSNs")
 
-
-@pytest.mark.parametrize("sync", ["always", pytest.param("none", marks=pytest.mark.xfail(
-    strict=True, reason=LSN_REUSE_BUG))])
+@pytest.mark.parametrize("sync", ["always", "none"])
 def test_lsns_strictly_increase_and_are_never_reused(path, sync):
     issued: list[int] = []
 
@@ -596,7 +588,6 @@ def test_lsns_strictly_increase_and_are_never_reused(path, sync):
     assert all(a < b for a, b in pairwise(issued)), "LSNs not strictly increasing"
 
 
-@pytest.mark.xfail(strict=True, reason=LSN_REUSE_BUG)
 @pytest.mark.parametrize("sync", ["none", "interval"])
 def test_lsn_of_a_write_lost_after_a_clean_close_is_not_reused(path, sync):
     with walstate.open(path, sync=sync, sync_interval=60) as db:
@@ -643,9 +634,6 @@ def test_read_only_open_changes_no_byte_and_refuses_writes(path, how):
         assert state(db) == model
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a second open of a directory in one process "
-                   "(read-only beside a read-only or writable open) fails in LMDB ('already "
-                   "open in this process') and is reported as EngineFailedError")
 def test_read_only_opens_coexist_within_one_process(path):
     with walstate.open(path) as db:
         db.put(b"a", b"1")
@@ -795,6 +783,9 @@ def test_unknown_format_version_is_a_mismatch(path):
 
 # ---- corruption and recovery modes ------------------------------------------------------
 RS = put_record_size(b"k0000", b"0000" * 25)  # bytes of one fill() record
+# the first fill() record follows the segment header and the SESSION record (LSN 1)
+# that every writable open appends (docs/FORMAT.md)
+FIRST = 64 + 28
 
 
 def _crashed_log(path, n=60, **opts):
@@ -813,21 +804,21 @@ def _prefix(model, n):
 def test_bit_flip_mid_log_is_corruption_with_path_offset_lsn(path):
     model, last = _crashed_log(path)
     seg = segments(path)[0]
-    off = 64 + 24 * RS  # record 25 (LSN 25)
+    off = FIRST + 24 * RS  # the 25th put (LSN 26)
     corrupt(seg, off + 28 + 3, "flip")
     before = tree_digest(path)
     for mode in ("tolerate_tail", "strict"):
         with pytest.raises(walstate.CorruptionError) as ei:
             walstate.open(path, recovery=mode)
         e = ei.value
-        assert os.path.samefile(e.path, seg) and e.offset == off and e.lsn == 25
+        assert os.path.samefile(e.path, seg) and e.offset == off and e.lsn == 26
     assert tree_digest(path) == before  # refusing to open changed nothing
 
 
 def test_point_in_time_keeps_the_prefix_before_corruption(path):
     model, last = _crashed_log(path)
     seg = segments(path)[0]
-    off = 64 + 24 * RS
+    off = FIRST + 24 * RS
     end = data_end(seg)
     corrupt(seg, off + 28 + 3, "flip")
     with walstate.open(path, recovery="point_in_time") as db:
@@ -846,11 +837,11 @@ def test_corruption_in_an_earlier_segment_cuts_the_later_ones(path):
     model, last = _crashed_log(path, n=1500, segment_size=64 * KiB)
     segs = segments(path)
     assert len(segs) >= 3
-    corrupt(segs[0], 64 + 10 * RS + 30, "flip")  # record 11
+    corrupt(segs[0], FIRST + 10 * RS + 30, "flip")  # the 11th put (LSN 12)
     for mode in ("tolerate_tail", "strict"):
         with pytest.raises(walstate.CorruptionError) as ei:
             walstate.open(path, recovery=mode)
-        assert os.path.samefile(ei.value.path, segs[0]) and ei.value.lsn == 11
+        assert os.path.samefile(ei.value.path, segs[0]) and ei.value.lsn == 12
     with walstate.open(path, recovery="point_in_time") as db:
         assert state(db) == _prefix(model, 10)
         assert db.info()["recovery"]["truncated_bytes"] > 0
@@ -866,7 +857,7 @@ def test_torn_tail_per_recovery_mode(tmp_path, tail):
         model, _ = _crashed_log(p, n=30)
         seg = segments(p)[-1]
         end = data_end(seg)
-        assert end == 64 + 30 * RS
+        assert end == FIRST + 30 * RS
         if tail == "garbage":
             corrupt(seg, end, "write", b"\x07" * 100)
             return model, seg, end, 100

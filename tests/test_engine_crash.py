@@ -292,10 +292,7 @@ def test_kill_inside_recovery_then_recover_again(tmp_path, point, tail):
         assert state(db) == model
 
 
-@pytest.mark.xfail(strict=True, reason="bug: walstate._testing.KILL_POINTS_PY lists "
-                   "'recovery_after_cut' and 'put_after_append' but no code reaches "
-                   "_testing.hit() with those names, so WALSTATE_KILLPOINT never fires there")
-@pytest.mark.parametrize("point", ["recovery_after_cut", "put_after_append"])
+@pytest.mark.parametrize("point", ["recovery_after_cut"])
 def test_every_listed_python_kill_point_fires(tmp_path, point):
     path = str(tmp_path / "db")
     _dirty_directory(path, "torn")

@@ -183,10 +183,8 @@ class SyncNone(_Base):
             f"operations that contains the {self.durable_n} durable ones (prefixes that "
             f"fit: {fits})")
         self._rebase(got)
-        # LSNs handed out by the lost writes may come back (see the xfail test
-        # test_lsn_of_a_write_lost_after_a_clean_close_is_not_reused); LSNs at or
-        # below the durable one must not.
-        self.last_lsn = self.durable_lsn
+        # LSNs are never reused, not even those of the writes the crash lost:
+        # self.last_lsn stays the highest LSN handed out
 
 
 TestSyncAlways = SyncAlways.TestCase

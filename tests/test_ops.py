@@ -133,9 +133,10 @@ def test_repair_mid_log_bit_flip_needs_accept_data_loss(tmp_path: Path, capsys) 
     assert rc == 0 and j["findings"][0]["applied"]
     with walstate.open(d, recovery="strict") as db:
         got = state(db)
-    # the valid prefix: every key before the damaged record, none after it
-    assert got and all(k < b"k%05d" % f["lsn"] for k in got)
-    assert len(got) == f["lsn"] - 1
+    # the valid prefix: every key before the damaged record, none after it (put i has
+    # LSN i + 2: LSN 1 is the SESSION record of the writer's open)
+    assert got and all(k < b"k%05d" % (f["lsn"] - 2) for k in got)
+    assert len(got) == f["lsn"] - 2
 
 
 def test_repair_foreign_last_segment_moved_aside(tmp_path: Path, capsys) -> None:
@@ -567,7 +568,9 @@ def test_metrics_endpoint_scraped_and_parsed(tmp_path: Path) -> None:
         assert value("walstate_fsyncs") == stats["fsyncs"]
         assert value("walstate_checkpoints") == 1
         assert fams["walstate_fsync_seconds"].type == "histogram"
-        assert value("walstate_fsync_seconds", "walstate_fsync_seconds_count") == stats["fsyncs"]
+        # the histogram covers every fsync of the log, the open's (SESSION record) too
+        assert value("walstate_fsync_seconds", "walstate_fsync_seconds_count") == \
+            stats["fsyncs"] + 1
         assert value("walstate_put_latency_seconds",
                      "walstate_put_latency_seconds_count") == 22
         assert value("walstate_checkpoint_duration_seconds",

@@ -103,7 +103,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _describe(rtype: int, payload: bytes) -> tuple[str, list[dict[str, Any]]]:
     name = codec.TYPE_NAMES.get(rtype)
     if name is None:
-        name = "SHUTDOWN" if rtype == codec.SHUTDOWN else f"TYPE{rtype:#x}"
+        name = {codec.SHUTDOWN: "SHUTDOWN", codec.SESSION: "SESSION"}.get(rtype, f"TYPE{rtype:#x}")
     ops = []
     try:
         for k, v in codec.decode(rtype, payload):

@@ -18,6 +18,7 @@ DELETE = lib.WAL_TYPE_DELETE
 BATCH = lib.WAL_TYPE_BATCH
 IGNORABLE = lib.WAL_TYPE_IGNORABLE
 SHUTDOWN = IGNORABLE | 1  # written by a clean close: no LSN was handed out after it
+SESSION = IGNORABLE | 2   # written (and synced) by a writable open: the log is in use
 
 MAX_KEY = 511
 MAX_VALUE = 64 * 1024 * 1024

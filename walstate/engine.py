@@ -113,6 +113,7 @@ class Engine:
         self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
         self._last_lsn = 0
         self._counts = {"puts": 0, "deletes": 0, "batches": 0}
+        self._stats_base: dict[str, Any] = {}
         self._wal_bytes = 0          # record bytes appended since open
         self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
         try:
@@ -171,6 +172,9 @@ class Engine:
             self._wal = Wal(lay.wal, system_id=self.system_id, segment_size=cfg.segment_size,
                             buffer_size=cfg.wal_buffer_size,
                             min_next_lsn=rec.last_lsn + 1 + skip)
+            # Marks the log as in use: until a clean close appends SHUTDOWN after it,
+            # a later recovery knows this session may have handed out LSNs it lost.
+            self._wal.sync(self._wal.append(codec.SESSION, b""))
             self._last_lsn = self._wal.stats()["next_lsn"] - 1
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
@@ -183,6 +187,7 @@ class Engine:
             return
         if self._active or rec.report["truncated_bytes"]:
             self._checkpointer.run("recovery")
+        self._stats_base = self._raw_stats()
         self._checkpointer.start()
         if cfg.sync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="walstate-flusher",
@@ -394,8 +399,7 @@ class Engine:
                     for k, v in t.items():
                         if (start is None or k >= start) and (stop is None or k < stop):
                             view[k] = v
-            tok, txn = self._snapshot.begin_items()  # type: ignore[union-attr]
-        snap = self._snapshot._iter(tok, txn, start, stop)  # type: ignore[union-attr]
+        snap = self._snapshot.items(start, stop)  # type: ignore[union-attr]
         return self._merge(sorted(view), view, snap)
 
     def _merge(self, keys: list[bytes], view: dict[bytes, bytes | None],
@@ -504,8 +508,15 @@ class Engine:
         return out
 
     def stats(self) -> dict[str, Any]:
-        """Counters since open: see CONTRACT.md (stats())."""
+        """Counters of the work done since open() returned (what open itself did --
+        the session record, a recovery checkpoint -- is not counted); see
+        CONTRACT.md (stats())."""
         self._check_open()
+        raw = self._raw_stats()
+        base = self._stats_base
+        return {k: v - base.get(k, 0) for k, v in raw.items()}
+
+    def _raw_stats(self) -> dict[str, Any]:
         st = self._wal.stats() if self._wal is not None else {}
         ck = self._checkpointer
         return {

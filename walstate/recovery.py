@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from . import codec
+from . import _testing, codec
 from ._native import lib
 from .errors import CorruptionError, MismatchError
 from .wal import LogEnd, WalReader, cut
@@ -114,6 +114,7 @@ def _cut(wal_dir: str, end: LogEnd, read_only: bool, what: str) -> int:
                     end.path, end.offset, end.cut_bytes)
         return end.cut_bytes
     n = cut(wal_dir, end.segment, end.offset)
+    _testing.hit("recovery_after_cut")
     log.warning("recovery: cut %s in %s at offset %d: %d bytes kept in .broken file(s)", what,
                 end.path, end.offset, n)
     return n

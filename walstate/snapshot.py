@@ -24,6 +24,7 @@ from .errors import (
     CorruptionError,
     DiskFullError,
     EngineFailedError,
+    LockedError,
     MismatchError,
     WalStateError,
 )
@@ -51,6 +52,27 @@ def decode_meta(raw: bytes, where: str) -> dict:
                               path=where) from None
 
 
+class _SharedEnv:
+    """One LMDB environment per directory per process (LMDB refuses a second
+    open in one process): engines of one process on one directory share it,
+    and share its reader registry, which map growth waits on."""
+
+    def __init__(self, env: lmdb.Environment, locked: bool, writable: bool) -> None:
+        self.env = env
+        self.locked = locked      # has a lock file: readers hold LMDB reader slots
+        self.writable = writable
+        self.refs = 0
+        self.data = env.open_db(b"data", create=writable)
+        self.metadb = env.open_db(b"meta", create=writable)
+        self.readers: set[object] = set()
+        self.resizing = False
+        self.cv = threading.Condition()
+
+
+_shared: dict[str, _SharedEnv] = {}
+_shared_mu = threading.Lock()
+
+
 class Snapshot:
     """The LMDB environment under DIR/snapshot."""
 
@@ -60,7 +82,9 @@ class Snapshot:
         process may recycle the pages of a read once it has committed two more
         transactions. Reads therefore validate themselves: a read whose
         transaction fell two or more behind the writer is retried (get) or
-        refused (items), never returned."""
+        refused (items), never returned. In one process every open of a
+        directory shares one environment (a read-only open beside this
+        process's writer reads through the writer's)."""
         self.path = path
         self.read_only = read_only
         data_file = os.path.join(path, "data.mdb")
@@ -70,21 +94,32 @@ class Snapshot:
                                   path=data_file)
         if create:
             os.makedirs(path, exist_ok=True)
-        try:
-            self.env = lmdb.open(
-                path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
-                lock=not read_only, sync=True, metasync=True, writemap=False,
-                create=create, readahead=False, meminit=False, max_readers=512)
-        except lmdb.Error as exc:
-            raise self._translate(exc, "opening the snapshot") from None
+        key = os.path.realpath(path)
+        with _shared_mu:
+            sh = _shared.get(key)
+            if sh is not None and not read_only and not sh.writable:
+                raise LockedError(f"{path} is open read-only in this process; close those "
+                                  "engines before opening it for writing")
+            if sh is None:
+                try:
+                    env = lmdb.open(
+                        path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
+                        lock=not read_only, sync=True, metasync=True, writemap=False,
+                        create=create, readahead=False, meminit=False, max_readers=512)
+                    sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
+                except lmdb.Error as exc:
+                    raise self._translate(exc, "opening the snapshot") from None
+                _shared[key] = sh
+            sh.refs += 1
+        self._key = key
+        self._sh = sh
+        self.env = sh.env
+        self.data = sh.data
+        self.metadb = sh.metadb
+        self._readers = sh.readers
+        self._validate = not sh.locked
         if create:
             fsync_dir(path)  # LMDB does not fsync its directory
-        self.data = self.env.open_db(b"data", create=not read_only)
-        self.metadb = self.env.open_db(b"meta", create=not read_only)
-        # readers register here so that growing the map can wait for them
-        self._readers: set[object] = set()
-        self._resizing = False
-        self._resize_cv = threading.Condition()
 
     # ---- errors ----------------------------------------------------------
     def _translate(self, exc: BaseException, what: str) -> Exception:
@@ -136,20 +171,21 @@ class Snapshot:
     def enter(self) -> object:
         """Registers a reader; pair with leave(). Waits while the map grows."""
         tok = object()
-        self._readers.add(tok)
-        if self._resizing:
-            self._readers.discard(tok)
-            with self._resize_cv:
-                while self._resizing:
-                    self._resize_cv.wait()
-            self._readers.add(tok)
+        sh = self._sh
+        sh.readers.add(tok)
+        if sh.resizing:
+            sh.readers.discard(tok)
+            with sh.cv:
+                while sh.resizing:
+                    sh.cv.wait()
+            sh.readers.add(tok)
         return tok
 
     def leave(self, tok: object) -> None:
         self._readers.discard(tok)
 
     def get(self, key: bytes) -> bytes | None:
-        if self.read_only:
+        if self._validate:
             return self._get_validated(key)
         tok = self.enter()
         try:
@@ -173,56 +209,53 @@ class Snapshot:
         raise WalStateError(f"read-only read of {self.path}: the writer kept recycling pages "
                             "under the read; retry")
 
-    def items(self, start: bytes | None, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-        """Key-ordered (key, value) in [start, stop) from one read transaction.
+    def items(self, start: bytes | None, stop: bytes | None,
+              chunk: int = 512) -> Iterator[tuple[bytes, bytes]]:
+        """Key-ordered (key, value) in [start, stop).
 
-        The transaction (and the reader registration) is taken at the first
-        next() call; callers that need it taken now call begin_items().
+        Read in chunks, each in its own short read transaction, so that an
+        iterator left open holds no LMDB snapshot (which would block map growth
+        and page reuse). Each key comes with a value committed no earlier than
+        the call; keys changed by checkpoints during the iteration may show
+        their newer state.
         """
-        tok, txn = self.begin_items()
-        return self._iter(tok, txn, start, stop)
-
-    def begin_items(self) -> tuple[object, lmdb.Transaction]:
-        tok = self.enter()
-        try:
-            return tok, self.env.begin(db=self.data, buffers=False)
-        except BaseException:
-            self.leave(tok)
-            raise
-
-    def _iter(self, tok: object, txn: lmdb.Transaction, start: bytes | None,
-              stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
-        try:
-            cur = txn.cursor()
-            ok = cur.set_range(start) if start is not None else cur.first()
-            if not self.read_only:
-                while ok:
-                    k = cur.key()
-                    if stop is not None and k >= stop:
-                        break
-                    yield k, cur.value()
-                    ok = cur.next()
+        after: bytes | None = None
+        while True:
+            rows = self._read_chunk(start, after, stop, chunk)
+            yield from rows
+            if len(rows) < chunk:
                 return
-            # read-only: read a chunk, check it could not have been recycled, yield it
-            tid = txn.id()
-            while ok:
-                chunk = []
-                while ok and len(chunk) < 256:
-                    k = cur.key()
-                    if stop is not None and k >= stop:
-                        ok = False
-                        break
-                    chunk.append((k, cur.value()))
-                    ok = cur.next()
-                if not self._still_valid(tid):
-                    raise WalStateError(
-                        f"read-only scan of {self.path}: a writer in another process changed "
-                        "the snapshot under the scan (a read-only open holds no LMDB reader "
-                        "slot); run the scan again")
-                yield from chunk
-        finally:
-            txn.abort()
-            self.leave(tok)
+            after = rows[-1][0]
+
+    def _read_chunk(self, start: bytes | None, after: bytes | None, stop: bytes | None,
+                    n: int) -> list[tuple[bytes, bytes]]:
+        for _ in range(100):
+            tok = self.enter()
+            try:
+                with self.env.begin(db=self.data, buffers=False) as txn:
+                    tid = txn.id()
+                    cur = txn.cursor()
+                    if after is not None:
+                        ok = cur.set_range(after)
+                        if ok and cur.key() == after:
+                            ok = cur.next()
+                    else:
+                        ok = cur.set_range(start) if start is not None else cur.first()
+                    rows = []
+                    while ok and len(rows) < n:
+                        k = cur.key()
+                        if stop is not None and k >= stop:
+                            break
+                        rows.append((k, cur.value()))
+                        ok = cur.next()
+            except lmdb.Error as exc:
+                raise self._translate(exc, "reading the snapshot") from None
+            finally:
+                self.leave(tok)
+            if not self._validate or self._still_valid(tid):
+                return rows
+        raise WalStateError(f"read-only scan of {self.path}: a writer in another process "
+                            "kept recycling pages under the scan; run it again")
 
     def entries(self) -> int:
         with self.env.begin(db=self.data) as txn:
@@ -267,8 +300,9 @@ class Snapshot:
 
     def _grow(self) -> None:
         new = self.env.info()["map_size"] * 2
-        with self._resize_cv:
-            self._resizing = True
+        sh = self._sh
+        with sh.cv:
+            sh.resizing = True
         try:
             deadline = time.monotonic() + 10.0
             while self._readers:
@@ -285,12 +319,21 @@ class Snapshot:
             except lmdb.Error as exc:
                 raise self._translate(exc, "growing the snapshot map") from None
         finally:
-            with self._resize_cv:
-                self._resizing = False
-                self._resize_cv.notify_all()
+            with sh.cv:
+                sh.resizing = False
+                sh.cv.notify_all()
 
     def map_size(self) -> int:
         return self.env.info()["map_size"]
 
     def close(self) -> None:
-        self.env.close()
+        """Releases this open; the environment closes with the last one. Idempotent."""
+        with _shared_mu:
+            sh, self._sh = self._sh, None  # type: ignore[assignment]
+            if sh is None:
+                return
+            sh.refs -= 1
+            if sh.refs == 0:
+                if _shared.get(self._key) is sh:
+                    del _shared[self._key]
+                sh.env.close()
