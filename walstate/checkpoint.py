@@ -98,6 +98,7 @@ class Checkpointer:
         self._run_mu = threading.Lock()
         self._cv = threading.Condition()
         self._requested: str | None = None
+        self._running = False
         self._stop = False
         self._thread: threading.Thread | None = None
         # bytes/second of replay measured at open; the default is conservative
@@ -125,6 +126,23 @@ class Checkpointer:
             if self._requested is None:
                 self._requested = reason
                 self._cv.notify_all()
+
+    def throttle(self) -> None:
+        """Back-pressure, called by a writer that finds more than max_wal_size of
+        WAL since the last freeze: while a checkpoint is running or requested,
+        waits (at most 30 s) until one freezes the table -- so that the WAL on
+        disk stays near 2 x max_wal_size when checkpoints fall behind the
+        writers. A checkpoint that fails (a full disk) stops the wait."""
+        deadline = time.monotonic() + 30.0
+        limit = self.config.max_wal_size
+        with self._cv:
+            while (self.host._wal_bytes_since_checkpoint() > limit and not self._stop
+                   and (self._running or self._requested is not None)):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("writers waited 30 s for a checkpoint to catch up; going on")
+                    return
+                self._cv.wait(min(left, 0.1))
 
     def wake(self) -> None:
         """Makes the background thread re-check its triggers now (tests, clock jumps)."""
@@ -191,7 +209,16 @@ class Checkpointer:
     def run(self, reason: str, paced: bool = False) -> CheckpointInfo:
         """Runs one checkpoint to completion; returns its info once durable."""
         with self._run_mu:
-            return self._run(reason, paced)
+            self._set_running(True)
+            try:
+                return self._run(reason, paced)
+            finally:
+                self._set_running(False)
+
+    def _set_running(self, running: bool) -> None:
+        with self._cv:
+            self._running = running
+            self._cv.notify_all()  # throttled writers re-check
 
     def _run(self, reason: str, paced: bool) -> CheckpointInfo:
         started_at = time.time()
@@ -199,6 +226,8 @@ class Checkpointer:
         target = self._target_seconds(reason) if paced else 0.0
         prev_lsn = self.last_lsn
         lsn, frozen = self.host._freeze()
+        with self._cv:
+            self._cv.notify_all()  # the WAL since the freeze is empty again
         _kill("checkpoint_after_freeze")
         folded = False
         try:

@@ -327,7 +327,10 @@ class Engine:
                 self._fail(exc)
                 raise
         if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
-            self._checkpointer.request("wal_size")  # type: ignore[union-attr]
+            ck = self._checkpointer
+            ck.request("wal_size")  # type: ignore[union-attr]
+            if self._wal_bytes - self._frozen_bytes > self.config.max_wal_size:
+                ck.throttle()  # type: ignore[union-attr]
         return lsn
 
     def _ckpt_threshold(self) -> float:
