@@ -48,6 +48,16 @@ REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
 LSN_SKIP_AFTER_CRASH = 1 << 32
 
 
+class _ClosedTable:
+    """Stands in for the in-memory table after close: any read raises ClosedError."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get(self, key: object, default: object = None) -> object:
+        raise ClosedError(f"walstate engine for {self.path} is closed")
+
+
 class Batch:
     """Operations committed as one WAL record when the ``with`` block exits
     without an exception; nothing is visible before. ``lsn`` is set after exit
@@ -366,20 +376,29 @@ class Engine:
     # ---- reads -------------------------------------------------------------
     def get(self, key: bytes, default: Any = None) -> Any:
         """The latest committed value of ``key``, or ``default``."""
+        # Fast path: a key written since the last checkpoint. (After close the table
+        # is a _ClosedTable, whose get raises ClosedError.)
+        try:
+            v = self._active.get(key, _MISSING)
+        except TypeError:  # an unhashable buffer (bytearray...): converted below
+            v = _MISSING
+        if v is _MISSING:
+            return self._get_cold(key, default)
+        return default if v is None else v
+
+    def _get_cold(self, key: Any, default: Any) -> Any:
         if self._closed:
             raise ClosedError(f"walstate engine for {self.path} is closed")
-        if type(key) is not bytes:
+        if type(key) is not bytes or not 0 < len(key) <= 511:
             key = codec.as_key(key)
-        v = self._active.get(key, _MISSING)
-        if v is _MISSING:
-            for table in self._frozen:
-                v = table.get(key, _MISSING)
-                if v is not _MISSING:
-                    break
-            else:
-                if not 0 < len(key) <= 511:
-                    codec.as_key(key)
-                v = self._snapshot.get(key)  # type: ignore[union-attr]
+            v = self._active.get(key, _MISSING)
+            if v is not _MISSING:
+                return default if v is None else v
+        for table in self._frozen:
+            v = table.get(key, _MISSING)
+            if v is not _MISSING:
+                return default if v is None else v
+        v = self._snapshot.get(key)  # type: ignore[union-attr]
         return default if v is None else v
 
     def __contains__(self, key: object) -> bool:
@@ -562,6 +581,7 @@ class Engine:
 
     def _teardown(self) -> None:
         self._closed = True
+        self._active = _ClosedTable(self.path)  # type: ignore[assignment]
         if self._checkpointer is not None:
             self._checkpointer.stop()
         if self._wal is not None:
@@ -579,6 +599,7 @@ class Engine:
         """Test hook: drop the engine as a crash would (no flush, no checkpoint)."""
         with self._close_mu:
             self._closed = True
+            self._active = _ClosedTable(self.path)  # type: ignore[assignment]
             if self._flusher is not None:
                 self._flusher_stop.set()
             if self._checkpointer is not None:

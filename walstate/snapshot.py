@@ -187,12 +187,18 @@ class Snapshot:
     def get(self, key: bytes) -> bytes | None:
         if self._validate:
             return self._get_validated(key)
-        tok = self.enter()
+        tok = object()
+        sh = self._sh
+        readers = sh.readers
+        readers.add(tok)
         try:
+            if sh.resizing:
+                readers.discard(tok)
+                tok = self.enter()
             with self.env.begin(db=self.data) as txn:
                 return txn.get(key)
         finally:
-            self._readers.discard(tok)
+            readers.discard(tok)
 
     def _still_valid(self, txnid: int) -> bool:
         """True if pages seen by read transaction ``txnid`` cannot have been recycled
