@@ -47,6 +47,7 @@ typedef struct wal wal_t;
 typedef struct wal_reader wal_reader_t;
 typedef struct {
     uint64_t system_id; uint64_t segment_size; uint64_t buffer_size; uint64_t min_next_lsn;
+    uint64_t covered_lsn;
 } wal_options_t;
 typedef struct {
     uint64_t next_lsn; uint64_t written_lsn; uint64_t durable_lsn; uint64_t appends;

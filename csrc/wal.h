@@ -30,6 +30,8 @@ typedef struct {
     uint64_t segment_size; /* nominal segment size (preallocated) */
     uint64_t buffer_size;  /* user-space append buffer */
     uint64_t min_next_lsn; /* the first LSN issued is at least this */
+    uint64_t covered_lsn;  /* with no segment yet: LSNs up to this are covered
+                              elsewhere (the snapshot); the first segment's prev_lsn */
 } wal_options_t;
 
 #define WAL_FSYNC_BUCKETS 32 /* log2 microsecond buckets */

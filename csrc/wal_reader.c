@@ -142,6 +142,15 @@ static int load_segment(wal_reader_t *r)
         stop(r, WAL_END_ERROR, WAL_ECORRUPT, 0);
         return WAL_ECORRUPT;
     }
+    /* The first segment read may start above from_lsn only if the LSNs between
+     * were never handed out (an LSN skip after a crash): its prev_lsn then lies
+     * below from_lsn. Otherwise records are missing: a gap. */
+    if (!r->expected && r->from_lsn && r->hdr.first_lsn > r->from_lsn &&
+        r->hdr.prev_lsn >= r->from_lsn) {
+        r->expected = r->from_lsn;
+        stop(r, WAL_END_ERROR, WAL_EGAP, 0);
+        return WAL_EGAP;
+    }
     r->expected = r->hdr.first_lsn;
     r->off = WAL_SEG_HDR_SIZE;
     r->loaded = 1;
@@ -182,11 +191,7 @@ int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_
         size_t i = 0;
         while (i + 1 < r->nsegs && r->segs[i + 1] <= from_lsn)
             i++;
-        r->idx = i;
-        if (from_lsn && r->segs[i] > from_lsn) {
-            stop(r, WAL_END_ERROR, WAL_EGAP, 0);
-            r->end.expected_lsn = from_lsn;
-        }
+        r->idx = i; /* a first segment above from_lsn is checked in load_segment */
     }
     *out = r;
     return 0;

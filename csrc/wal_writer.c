@@ -528,7 +528,9 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
         /* no log yet, or the snapshot is ahead of it: start a segment at min_next */
         /* LSNs below min_next are in the snapshot or were handed out before a
          * crash: never reissued. The segment records where the log left off. */
-        uint64_t prev = n == 0 ? min_next - 1 : w->next_lsn - 1;
+        uint64_t prev = n == 0 ? opt->covered_lsn : w->next_lsn - 1;
+        if (prev >= min_next)
+            prev = min_next - 1;
         w->next_lsn = min_next;
         seg_header_t h = {.first_lsn = w->next_lsn, .prev_lsn = prev,
                           .system_id = w->system_id, .segment_size = w->segment_size};

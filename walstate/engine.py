@@ -5,6 +5,7 @@ since the last checkpoint; reads look there, then in the LMDB snapshot.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ from .config import Config
 from .errors import (
     ClosedError,
     CorruptionError,
+    DiskFullError,
     EngineFailedError,
     MismatchError,
     ReadOnlyError,
@@ -128,8 +130,12 @@ class Engine:
         self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
         try:
             self._open()
-        except BaseException:
+        except BaseException as exc:
             self._teardown()
+            if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+                    and not isinstance(exc, DiskFullError)):
+                raise DiskFullError(f"opening {self.path}: the disk is full ({exc}); free some "
+                                    "space and open again", exc.filename) from exc
             raise
 
     # ---- opening -----------------------------------------------------------
@@ -181,7 +187,7 @@ class Engine:
             skip = 0 if clean else LSN_SKIP_AFTER_CRASH
             self._wal = Wal(lay.wal, system_id=self.system_id, segment_size=cfg.segment_size,
                             buffer_size=cfg.wal_buffer_size,
-                            min_next_lsn=rec.last_lsn + 1 + skip)
+                            min_next_lsn=rec.last_lsn + 1 + skip, covered_lsn=snap_lsn)
             # Marks the log as in use: until a clean close appends SHUTDOWN after it,
             # a later recovery knows this session may have handed out LSNs it lost.
             self._wal.sync(self._wal.append(codec.SESSION, b""))

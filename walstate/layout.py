@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .errors import LockedError
+from .errors import DiskFullError, LockedError
 
 FORMAT_VERSION = 1
 MARKER = "WALSTATE"
@@ -198,28 +198,41 @@ class DirLock:
                 raise LockedError(f"{layout.root} is already open for writing in this "
                                   f"process (pid {os.getpid()})", pid=os.getpid())
             _held.add(self.key)
+        self.fd = -1
         try:
             existed = os.path.exists(layout.lock)
             self.fd = os.open(layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
             if not existed:
                 fsync_dir(layout.root)
-        except BaseException:
-            self._forget()
-            raise
-        try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
+            os.ftruncate(self.fd, 0)
+            data = json.dumps(info).encode()
+            if os.pwrite(self.fd, data, 0) != len(data):
+                raise OSError(errno.ENOSPC, "short write", layout.lock)
         except BlockingIOError:
-            os.close(self.fd)
-            self._forget()
+            self._undo()
             holder = read_lock_holder(layout) or {}
             pid = holder.get("pid")
             raise LockedError(
                 f"{layout.root} is locked by another process: pid {pid} on host "
                 f"{holder.get('host', '?')} since {holder.get('started_at', '?')}",
                 pid=pid) from None
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time()}
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, json.dumps(info).encode(), 0)
+        except OSError as exc:
+            self._undo()
+            if exc.errno == errno.ENOSPC:
+                raise DiskFullError(f"taking the lock {layout.lock}: the disk is full; free "
+                                    "some space and open again", layout.lock) from exc
+            raise
+        except BaseException:
+            self._undo()
+            raise
+
+    def _undo(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._forget()
 
     def _forget(self) -> None:
         with _held_mu:

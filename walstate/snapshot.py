@@ -52,6 +52,17 @@ def decode_meta(raw: bytes, where: str) -> dict:
                               path=where) from None
 
 
+def _check_size(env: lmdb.Environment, data_file: str) -> None:
+    """CorruptionError if data.mdb is shorter than the pages its meta page says are
+    in use: reading them through the mapping would kill the process (SIGBUS)."""
+    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(data_file)
+    if size < need:
+        env.close()
+        raise CorruptionError(f"the snapshot {data_file} is truncated: {size} bytes, but its "
+                              f"pages need {need}", path=data_file, offset=size)
+
+
 class _SharedEnv:
     """One LMDB environment per directory per process (LMDB refuses a second
     open in one process): engines of one process on one directory share it,
@@ -106,9 +117,10 @@ class Snapshot:
                         path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
                         lock=not read_only, sync=True, metasync=True, writemap=False,
                         create=create, readahead=False, meminit=False, max_readers=512)
+                    _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
                 except lmdb.Error as exc:
-                    raise self._translate(exc, "opening the snapshot") from None
+                    raise self._translate(exc, "opening the snapshot", opening=True) from None
                 _shared[key] = sh
             sh.refs += 1
         self._key = key
@@ -122,8 +134,9 @@ class Snapshot:
             fsync_dir(path)  # LMDB does not fsync its directory
 
     # ---- errors ----------------------------------------------------------
-    def _translate(self, exc: BaseException, what: str) -> Exception:
-        """The walstate error for an LMDB failure."""
+    def _translate(self, exc: BaseException, what: str, opening: bool = False) -> Exception:
+        """The walstate error for an LMDB failure (at open: unreadable files are
+        corruption; later: unknown failures leave durability unknown)."""
         msg = f"{what} ({self.path}): {exc}"
         if isinstance(exc, lmdb.ReadonlyError):
             return PermissionError(errno.EACCES, msg, self.path)
@@ -137,6 +150,8 @@ class Snapshot:
             return PermissionError(errno.EACCES, msg, self.path)
         if "No space left" in text:
             return DiskFullError(msg, self.path)
+        if opening:
+            return CorruptionError(f"{msg}; the snapshot cannot be opened", path=self.path)
         return EngineFailedError(f"{msg}; durability of the snapshot is unknown")
 
     def _disk_is_full(self) -> bool:

@@ -49,13 +49,15 @@ class Wal:
     """
 
     def __init__(self, wal_dir: str, *, system_id: int, segment_size: int,
-                 buffer_size: int = 1 << 20, min_next_lsn: int = 1) -> None:
+                 buffer_size: int = 1 << 20, min_next_lsn: int = 1,
+                 covered_lsn: int = 0) -> None:
         self.dir = wal_dir
         opt = ffi.new("wal_options_t *")
         opt.system_id = system_id
         opt.segment_size = segment_size
         opt.buffer_size = buffer_size
         opt.min_next_lsn = min_next_lsn
+        opt.covered_lsn = covered_lsn
         out = ffi.new("wal_t **")
         rc = lib.wal_open(os.fsencode(wal_dir), opt, out)
         raise_for(rc, "opening the write-ahead log", wal_dir)
