@@ -24,6 +24,8 @@ def bench_dir() -> Iterator[str]:
 
 def record(group: str, name: str, ops: int, benchmark: pytest.FixtureRequest) -> None:
     """Remembers ops/s of this benchmark (ops per round / median round time)."""
+    if benchmark.stats is None:  # type: ignore[attr-defined]  # --benchmark-disable
+        return
     stats = benchmark.stats.stats  # type: ignore[attr-defined]
     RESULTS.setdefault(group, {})[name] = ops / stats.median
     benchmark.extra_info["ops_per_round"] = ops  # type: ignore[attr-defined]

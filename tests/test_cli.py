@@ -222,10 +222,3 @@ def test_checkpoint_on_locked_directory_exits_1(tmp_path: Path) -> None:
         child.wait()
     time.sleep(0.05)
     run("checkpoint", str(d))
-
-
-def test_bench_quick_prints_a_table() -> None:
-    p = subprocess.run(["walstate", "bench", "--quick", "--ops", "50"], capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert "walstate sync=always" in p.stdout and "sqlite3" in p.stdout and "x raw" in p.stdout

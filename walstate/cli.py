@@ -434,17 +434,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_restore)
 
-    s = sub.add_parser("bench", help="throughput against sqlite3, LMDB and raw loops")
+    s = sub.add_parser("bench", help="throughput against sqlite3, LMDB, RocksDB, LevelDB and raw "
+                       "loops")
     s.add_argument("--quick", action="store_true", help="a short run (smoke test)")
     s.add_argument("--json", action="store_true")
-    s.add_argument("--ops", type=int, default=None, help="operations per contender")
+    s.add_argument("--ops", type=int, default=None,
+                   help="durable puts per contender (the other workloads scale with it)")
+    s.add_argument("--records", type=int, default=None,
+                   help="records recovered / dirty keys checkpointed")
+    s.add_argument("--max-wal-mib", type=int, default=None,
+                   help="max_wal_size of the memory workload, MiB")
     s.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
+    s.add_argument("--only", default=None, help="comma-separated workloads: durable-1, "
+                   "durable-4t, batch-1000, fast, get-snapshot, get-memtable, recovery, reopen, "
+                   "checkpoint, ckpt-latency-none, ckpt-latency-always, memory")
+    s.add_argument("--markdown", action="store_true", help="the tables as Markdown")
+    s.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw throughput bars and a put-latency CDF (needs matplotlib)")
     s.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("demo", help="the crash-and-resume demonstration", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_demo)
+    sub.add_parser("crashtest", add_help=False, help="simulate power loss at many points of "
+                   "a traced workload on this disk and check every recovery")
     return p
 
 
@@ -454,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import demo
 
         return int(demo.main(argv[1:]) or 0)
+    if argv[:1] == ["crashtest"]:  # walstate.testing parses its own options (and --help)
+        from .testing import crashtest_main
+
+        return crashtest_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
