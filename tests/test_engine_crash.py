@@ -448,9 +448,9 @@ def test_wal_stays_bounded_when_checkpoints_are_slow(tmp_path, monkeypatch):
 
     write = Snapshot.write
 
-    def slow_write(self, items, meta):  # an LMDB disk 50 ms per transaction
+    def slow_write(self, items, meta, durable=False):  # an LMDB disk 50 ms per transaction
         time.sleep(0.05)
-        return write(self, items, meta)
+        return write(self, items, meta, durable)
 
     monkeypatch.setattr(Snapshot, "write", slow_write)
     max_wal, seg = 256 * KiB, 64 * KiB

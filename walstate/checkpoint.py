@@ -15,11 +15,13 @@ already folded hold final values, and replaying PUT/DELETE is idempotent.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 from .errors import DiskFullError, EngineFailedError, WalStateError
@@ -30,8 +32,34 @@ from .wal import Wal
 log = logging.getLogger("walstate")
 
 REASONS = ("manual", "timeout", "wal_size", "shutdown", "recovery")
-CHUNK_KEYS = 4096
-CHUNK_BYTES = 8 * 1024 * 1024
+CHUNK_KEYS = 4096  # keys per LMDB transaction of a checkpoint
+SORT_RUN = 8192  # keys sorted at once (a short hold of the GIL) before a lazy merge
+
+
+def _take(it: Iterator[Any], n: int) -> list[Any]:
+    """Up to n items of ``it``, giving the GIL away every 256: writers whose C calls
+    released it would otherwise wait a whole switch interval (5 ms) for it."""
+    out: list[Any] = []
+    while len(out) < n:
+        part = list(islice(it, min(256, n - len(out))))
+        if not part:
+            break
+        out += part
+        time.sleep(0)
+    return out
+
+
+def _sorted_lazily(table: dict[bytes, bytes | None]) -> Iterator[tuple[bytes, bytes | None]]:
+    """The items of ``table`` in key order: runs sorted separately, then merged."""
+    it = iter(table.items())
+    runs = []
+    while run := list(islice(it, SORT_RUN)):
+        run.sort()
+        runs.append(run)
+        time.sleep(0)
+    if len(runs) == 1:
+        return iter(runs[0])
+    return heapq.merge(*runs)
 
 
 @dataclass(frozen=True)
@@ -232,20 +260,16 @@ class Checkpointer:
         folded = False
         try:
             self.wal.sync(lsn)
-            items = sorted(frozen.items())
-            keys = len(items)
+            keys = len(frozen)
             wal_at_start = self.host._wal_bytes_since_checkpoint()
             done = 0
-            while done < keys:
-                n, size = 0, 0
-                while done + n < keys and n < CHUNK_KEYS and size < CHUNK_BYTES:
-                    k, v = items[done + n]
-                    size += len(k) + (len(v) if v is not None else 0)
-                    n += 1
-                self.snapshot.write(items[done:done + n], {META_FOLD: {
-                    "from_lsn": prev_lsn, "to_lsn": lsn, "keys_done": done + n,
-                    "keys": keys}})
-                done += n
+            # In key order (LMDB then touches each page once), but without one big
+            # sort: that would hold the GIL -- and every writer -- for its whole run.
+            it = _sorted_lazily(frozen)
+            while chunk := _take(it, CHUNK_KEYS):
+                done += len(chunk)
+                self.snapshot.write(chunk, {META_FOLD: {
+                    "from_lsn": prev_lsn, "to_lsn": lsn, "keys_done": done, "keys": keys}})
                 _kill("checkpoint_chunk")
                 if target > 0 and done < keys:
                     self._pace(t0, target, done / keys, wal_at_start)
@@ -257,7 +281,7 @@ class Checkpointer:
                     "lsn": lsn, "reason": reason, "started_at": started_at,
                     "finished_at": time.time(), "keys_written": keys,
                     "snapshot_bytes": self.snapshot.size_bytes(), "wal_bytes_removed": 0}
-            self.snapshot.write([], {META_CHECKPOINT: meta, META_FOLD: {}})
+            self.snapshot.write([], {META_CHECKPOINT: meta, META_FOLD: {}}, durable=True)
             sync_s = time.monotonic() - t1
             folded = True
             _kill("checkpoint_after_commit")

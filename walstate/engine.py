@@ -221,7 +221,7 @@ class Engine:
         snap = Snapshot(lay.snapshot, map_size=self.config.map_size, read_only=False,
                         create=True)
         self._snapshot = snap
-        snap.write([], {META_CHECKPOINT: {
+        snap.write([], durable=True, meta={META_CHECKPOINT: {
             "format_version": FORMAT_VERSION, "system_id": system_id, "id": 0, "lsn": 0,
             "reason": "init", "started_at": time.time(), "finished_at": time.time(),
             "keys_written": 0, "snapshot_bytes": 0, "wal_bytes_removed": 0}})

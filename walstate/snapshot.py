@@ -115,7 +115,7 @@ class Snapshot:
                 try:
                     env = lmdb.open(
                         path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
-                        lock=not read_only, sync=True, metasync=True, writemap=False,
+                        lock=not read_only, sync=True, metasync=False, writemap=False,
                         create=create, readahead=False, meminit=False, max_readers=512)
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
@@ -294,24 +294,33 @@ class Snapshot:
             return 0
 
     # ---- writing ---------------------------------------------------------
-    def write(self, items: list[tuple[bytes, bytes | None]], meta: dict[bytes, dict]) -> None:
-        """One durable LMDB transaction: puts/deletes (value None) and metadata.
+    def write(self, items: list[tuple[bytes, bytes | None]], meta: dict[bytes, dict],
+              durable: bool = False) -> None:
+        """One LMDB transaction of puts/deletes (value None) and metadata.
 
+        Its data pages are fdatasynced at commit; its meta page (what makes the
+        transaction the current one) only by the next commit or, with
+        ``durable``, right away -- LMDB's MDB_NOMETASYNC, which keeps the
+        database whole and at worst undoes the last transaction in a crash.
         Grows the map when it is full. Raises DiskFullError / EngineFailedError.
         """
+        puts = [kv for kv in items if kv[1] is not None]
+        dels = [k for k, v in items if v is None] if len(puts) < len(items) else []
         for _attempt in range(20):
             try:
                 with self.env.begin(write=True) as txn:
                     if items:
                         cur = txn.cursor(db=self.data)
-                        for k, v in items:
-                            if v is None:
-                                if cur.set_key(k):
-                                    cur.delete()
-                            else:
-                                cur.put(k, v)
+                        for i in range(0, len(puts), 256):
+                            cur.putmulti(puts[i:i + 256])
+                            time.sleep(0)  # let writers have the GIL (see checkpoint._take)
+                        for k in dels:
+                            if cur.set_key(k):
+                                cur.delete()
                     for mk, mv in meta.items():
                         txn.put(mk, encode_meta(mv), db=self.metadb)
+                if durable:
+                    self.env.sync(True)
                 return
             except lmdb.MapFullError:
                 self._grow()
