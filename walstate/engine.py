@@ -125,6 +125,10 @@ class Engine:
         self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
         self._last_lsn = 0
         self._counts = {"puts": 0, "deletes": 0, "batches": 0}
+        # the hot path's view of the state, kept in step by _open/_fail/close
+        self._writable = False
+        self._sync_always = config.sync == "always"
+        self._threshold = float(config.max_wal_size)
         self._stats_base: dict[str, Any] = {}
         self._wal_bytes = 0          # record bytes appended since open
         self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
@@ -192,6 +196,7 @@ class Engine:
             # a later recovery knows this session may have handed out LSNs it lost.
             self._wal.sync(self._wal.append(codec.SESSION, b""))
             self._last_lsn = self._wal.stats()["next_lsn"] - 1
+            self._wal_put = self._wal.put_serialized
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
             clock=self._clock, last=last, last_lsn=snap_lsn)
@@ -199,11 +204,13 @@ class Engine:
         secs = rec.report["seconds"]
         if rec.report["bytes_replayed"] > 1 << 20 and secs > 0:
             self._checkpointer.replay_rate = rec.report["bytes_replayed"] / secs
+        self._threshold = self._compute_threshold()
         if ro:
             return
         if self._active or rec.report["truncated_bytes"]:
             self._checkpointer.run("recovery")
         self._stats_base = self._raw_stats()
+        self._writable = True
         self._checkpointer.start()
         if cfg.sync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="walstate-flusher",
@@ -277,6 +284,7 @@ class Engine:
                 "refused until the directory is reopened") from self._failed
 
     def _fail(self, exc: BaseException) -> None:
+        self._writable = False
         if self._failed is None:
             self._failed = exc
             log.error("engine %s failed: %s; writes refused until reopened", self.path, exc)
@@ -284,7 +292,7 @@ class Engine:
     # ---- writes ------------------------------------------------------------
     def put(self, key: bytes, value: bytes) -> int:
         """Appends a PUT and applies it; returns its LSN (durable per ``sync``)."""
-        if self._closed or self._failed is not None or self._wal is None:
+        if not self._writable:
             self._check_write()
         if type(key) is not bytes or not 0 < len(key) <= 511:
             key = codec.as_key(key)
@@ -292,7 +300,7 @@ class Engine:
             value = codec.as_value(value)
         try:
             with self._lock:
-                lsn = self._wal.put_serialized(key, value)  # type: ignore[union-attr]
+                lsn = self._wal_put(key, value)
                 self._active[key] = value
                 self._last_lsn = lsn
                 self._counts["puts"] += 1
@@ -300,7 +308,9 @@ class Engine:
         except EngineFailedError as exc:
             self._fail(exc)
             raise
-        return self._acknowledge(lsn)
+        if self._sync_always or self._wal_bytes - self._frozen_bytes > self._threshold:
+            return self._acknowledge(lsn)
+        return lsn
 
     def delete(self, key: bytes) -> int:
         """Appends a DELETE (of a key that may not exist); returns its LSN."""
@@ -336,23 +346,24 @@ class Engine:
     def _acknowledge(self, lsn: int) -> int:
         """After an append: waits for durability per ``sync``; asks for a checkpoint
         when the WAL since the last one is too large. Returns ``lsn``."""
-        if self.config.sync == "always":
+        if self._sync_always:
             try:
                 self._wal.sync(lsn)  # type: ignore[union-attr]
             except EngineFailedError as exc:
                 self._fail(exc)
                 raise
-        if self._wal_bytes - self._frozen_bytes > self._ckpt_threshold():
+        if self._wal_bytes - self._frozen_bytes > self._threshold:
             ck = self._checkpointer
             ck.request("wal_size")  # type: ignore[union-attr]
             if self._wal_bytes - self._frozen_bytes > self.config.max_wal_size:
                 ck.throttle()  # type: ignore[union-attr]
         return lsn
 
-    def _ckpt_threshold(self) -> float:
+    def _compute_threshold(self) -> float:
+        """WAL bytes since the last freeze that call for a checkpoint."""
         cfg = self.config
         if cfg.max_recovery_seconds is None:
-            return cfg.max_wal_size
+            return float(cfg.max_wal_size)
         rate = self._checkpointer.replay_rate  # type: ignore[union-attr]
         return min(cfg.max_wal_size, cfg.max_recovery_seconds * rate)
 
@@ -586,6 +597,7 @@ class Engine:
                 raise err
 
     def _teardown(self) -> None:
+        self._writable = False
         self._closed = True
         self._active = _ClosedTable(self.path)  # type: ignore[assignment]
         if self._checkpointer is not None:
@@ -604,6 +616,7 @@ class Engine:
     def _abandon(self) -> None:
         """Test hook: drop the engine as a crash would (no flush, no checkpoint)."""
         with self._close_mu:
+            self._writable = False
             self._closed = True
             self._active = _ClosedTable(self.path)  # type: ignore[assignment]
             if self._flusher is not None:
