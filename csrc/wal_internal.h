@@ -69,8 +69,9 @@ int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h);
 /* Creates a segment atomically (tmp, preallocate, header, fdatasync, rename,
  * dir fsync). Returns the open fd (>= 0) or a negative code. */
 int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size);
-/* Reads a whole file into a malloc'ed buffer. */
-int file_read_all(const char *path, uint8_t **buf, size_t *len);
+/* Reads a file into a malloc'ed buffer, up to where its data ends: *len may be
+ * less than the file size (*size_out, if not NULL); the bytes after are zeros. */
+int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out);
 
 /* ---- wal_reader.c: record validation shared with the writer's open ---- */
 /* 1 if a valid record starts at buf[off] (fully inside buf[0..len)), filling rec. */

@@ -118,7 +118,7 @@ static int load_segment(wal_reader_t *r)
     free(r->buf);
     r->buf = NULL;
     seg_name(path, sizeof path, r->dir, r->segs[r->idx]);
-    int rc = file_read_all(path, &r->buf, &r->len);
+    int rc = file_read_all(path, &r->buf, &r->len, NULL);
     if (rc < 0) {
         stop(r, WAL_END_ERROR, rc, 0);
         return rc;

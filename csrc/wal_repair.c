@@ -41,7 +41,7 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
     int whole = offset <= WAL_SEG_HDR_SIZE;
     /* 1. the cut part of the segment, copied aside and made durable */
     if (!whole) {
-        rc = file_read_all(path, &buf, &len);
+        rc = file_read_all(path, &buf, &len, NULL);
         if (rc == 0 && offset < len) {
             size_t end = len;
             while (end > offset && buf[end - 1] == 0)

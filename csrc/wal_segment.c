@@ -184,7 +184,27 @@ int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
     return fd;
 }
 
-int file_read_all(const char *path, uint8_t **buf, size_t *len)
+/* Where the data of fd ends: the start of the hole that runs to EOF (preallocated,
+ * never-written space reads as zeros and is reported as a hole by most file
+ * systems), or the file size where SEEK_DATA/SEEK_HOLE say nothing useful. */
+static uint64_t data_end(int fd, uint64_t size)
+{
+    uint64_t end = 0;
+    off_t pos = 0;
+    while ((uint64_t)pos < size) {
+        off_t d = lseek(fd, pos, SEEK_DATA);
+        if (d < 0)
+            return errno == ENXIO ? end : size;
+        off_t h = lseek(fd, d, SEEK_HOLE);
+        if (h < 0 || h <= d)
+            return size;
+        end = (uint64_t)h;
+        pos = h;
+    }
+    return end < size ? end : size;
+}
+
+int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out)
 {
     *buf = NULL;
     *len = 0;
@@ -197,7 +217,11 @@ int file_read_all(const char *path, uint8_t **buf, size_t *len)
         close(fd);
         return e;
     }
-    size_t n = (size_t)st.st_size;
+    uint64_t size = (uint64_t)st.st_size;
+    if (size_out)
+        *size_out = size;
+    /* bytes past the data are zeros: not read (a 16 MiB segment is mostly that) */
+    size_t n = (size_t)data_end(fd, size);
     uint8_t *b = malloc(n ? n : 1);
     if (!b) {
         close(fd);

@@ -467,9 +467,9 @@ static int open_last(wal_t *w, uint64_t first_lsn)
     char path[WAL_PATH_MAX + 64];
     uint8_t *buf;
     size_t len, end = 0;
-    uint64_t next = 0;
+    uint64_t next = 0, size = 0;
     seg_name(path, sizeof path, w->dir, first_lsn);
-    int rc = file_read_all(path, &buf, &len);
+    int rc = file_read_all(path, &buf, &len, &size);
     if (rc < 0)
         return rc;
     rc = seg_decode_header(buf, len, &w->hdr);
@@ -491,7 +491,7 @@ static int open_last(wal_t *w, uint64_t first_lsn)
         return rc;
     }
     w->fd = fd;
-    w->seg_alloc = len;
+    w->seg_alloc = size;
     w->file_off = w->seg_synced = end;
     w->next_lsn = next;
     return 0;
