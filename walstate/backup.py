@@ -228,6 +228,14 @@ def _backup_once(src: Layout, dest: str, system_id: int, progress: Progress) -> 
     return Result(dest, lsn, snap_lsn, len(segs), total, None, notes=notes)
 
 
+def _system_id(lay: Layout, what: str) -> int:
+    """The directory's system_id from its creation marker; CorruptionError without one."""
+    marker = read_marker(lay)
+    if marker is None:
+        raise CorruptionError(f"{lay.root} is not {what} (no {lay.marker})", path=lay.marker)
+    return int(marker["system_id"])
+
+
 def backup(src_dir: str, dest: str, *, label: str | None = None,
            progress: Progress | None = None) -> Result:
     """A consistent copy of the data directory ``src_dir`` in ``dest`` (which
@@ -235,11 +243,7 @@ def backup(src_dir: str, dest: str, *, label: str | None = None,
     backup holds: every write up to ``Result.lsn``."""
     src = Layout(os.path.abspath(src_dir))
     dest = os.path.abspath(dest)
-    marker = read_marker(src)
-    if marker is None:
-        raise CorruptionError(f"{src.root} is not a walstate directory (no {src.marker})",
-                              path=src.marker)
-    system_id = int(marker["system_id"])
+    system_id = _system_id(src, "a walstate directory")
     _fresh_dest(dest)
     progress = progress or Progress("backup", enabled=False)
     started = time.time()
@@ -301,11 +305,7 @@ def restore(backup_dir: str, dest: str, *, archive_dir: str | None = None,
         raise ValueError("give --to-lsn or --to-time, not both")
     bl = Layout(os.path.abspath(backup_dir))
     dest = os.path.abspath(dest)
-    marker = read_marker(bl)
-    if marker is None:
-        raise CorruptionError(f"{bl.root} is not a walstate backup (no {bl.marker})",
-                              path=bl.marker)
-    system_id = int(marker["system_id"])
+    system_id = _system_id(bl, "a walstate backup")
     label = read_json(bl.backup_label) or {}
     if to_time is not None and label.get("created_at") and label["created_at"] > to_time:
         raise WalStateError(f"the backup {bl.root} was taken at {label['created_at']:.3f}, "

@@ -71,6 +71,14 @@ QUICK = Sizes(keys=10_000, durable_ops=150, thread_ops=200, batches=10, fast_ops
 Step = Callable[[str], dict[str, float]]
 
 
+def _timed_gets(get: Callable[[bytes], Any], order: list[bytes]) -> float:
+    """Seconds that get(k) takes for every k of order, in a plain loop."""
+    t0 = time.perf_counter()
+    for k in order:
+        get(k)
+    return time.perf_counter() - t0
+
+
 @dataclass
 class Workload:
     key: str
@@ -422,26 +430,20 @@ class Bench:
     def get_snapshot(self) -> Workload:
         data, n = self.data, self.sz.gets
 
-        def timed_gets(get: Callable[[bytes], Any], order: list[bytes]) -> float:
-            t0 = time.perf_counter()
-            for k in order:
-                get(k)
-            return time.perf_counter() - t0
-
         def ws(d: str) -> dict[str, float]:
             order = data.lookups(n)
             with _store(lambda d: peers.WalstateStore(d, "none"), d, data.prefill) as s:
                 s.checkpoint()  # type: ignore[attr-defined]
                 assert s.get(order[0]) is not None
-                secs = timed_gets(s.get, order)
+                secs = _timed_gets(s.get, order)
             return {"walstate": n / secs}
 
         def lm(d: str) -> dict[str, float]:
             order = data.lookups(n)
             with _store(lambda d: peers.LmdbStore(d, False), d, data.prefill) as s:
-                per = timed_gets(s.get, order)
+                per = _timed_gets(s.get, order)
                 with s.env.begin() as txn:  # type: ignore[attr-defined]
-                    one = timed_gets(txn.get, order)
+                    one = _timed_gets(txn.get, order)
             return {"lmdb, read txn per get": n / per, "lmdb, one read txn": n / one}
 
         def peer(name: str, fac: peers.StoreFactory) -> Step:
@@ -450,7 +452,7 @@ class Bench:
                 with _store(fac, d, data.prefill) as s:
                     if isinstance(s, peers.RocksStore):
                         s.db.flush()
-                    secs = timed_gets(s.get, order)
+                    secs = _timed_gets(s.get, order)
                 return {name: n / secs}
             return step
 
@@ -468,21 +470,15 @@ class Bench:
     def get_memtable(self) -> Workload:
         data, n = self.data, self.sz.gets
 
-        def loop(get: Callable[[bytes], Any], order: list[bytes]) -> float:
-            t0 = time.perf_counter()
-            for k in order:
-                get(k)
-            return time.perf_counter() - t0
-
         def dct(d: str) -> dict[str, float]:
             order = data.lookups(n)
             table = dict(data.prefill)
-            return {"dict.get": loop(table.get, order) / n * 1e9}
+            return {"dict.get": _timed_gets(table.get, order) / n * 1e9}
 
         def ws(d: str) -> dict[str, float]:
             order = data.lookups(n)
             with _store(lambda d: peers.WalstateStore(d, "none"), d, data.prefill) as s:
-                secs = loop(s.get, order)
+                secs = _timed_gets(s.get, order)
             return {"walstate": secs / n * 1e9}
 
         return Workload("get-memtable", "random gets of keys written since the last "
