@@ -48,6 +48,8 @@ REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
 # a put under sync="none"/"interval" may have returned an LSN that the crash
 # lost, and LSNs are never reused.
 LSN_SKIP_AFTER_CRASH = 1 << 32
+# A recovery that replayed more keys than this checkpoints in the background.
+RECOVERY_CHECKPOINT_INLINE_KEYS = 100_000
 
 
 class _ClosedTable:
@@ -207,11 +209,17 @@ class Engine:
         self._threshold = self._compute_threshold()
         if ro:
             return
-        if self._active or rec.report["truncated_bytes"]:
+        # The checkpoint that ends recovery: before open returns when it is small;
+        # after a large replay in the background, so that the engine serves as soon
+        # as the replay is done (a crash meanwhile replays the same WAL again).
+        later = len(self._active) > RECOVERY_CHECKPOINT_INLINE_KEYS
+        if (self._active or rec.report["truncated_bytes"]) and not later:
             self._checkpointer.run("recovery")
         self._stats_base = self._raw_stats()
         self._writable = True
         self._checkpointer.start()
+        if later:
+            self._checkpointer.request("recovery")
         if cfg.sync == "interval":
             self._flusher = threading.Thread(target=self._flush_loop, name="walstate-flusher",
                                              daemon=True)
