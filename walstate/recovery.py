@@ -23,13 +23,52 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import _testing, codec
-from ._native import lib
+from ._native import ffi, lib
 from .errors import CorruptionError, MismatchError
 from .wal import LogEnd, WalReader, cut
 
 log = logging.getLogger("walstate")
+
+
+def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
+              i: int, n: int) -> int:
+    """PUT and DELETE records i.. into table; the index of the first other record
+    (the Python twin of csrc/replay.c, used where that did not build)."""
+    data = memoryview(data)
+    while i < n:
+        rtype, o, size = types[i], offs[i], lens[i]
+        if rtype == codec.PUT:
+            klen = data[o] | data[o + 1] << 8 if size >= 2 else 0
+            if klen == 0 or 2 + klen > size:
+                raise CorruptionError(f"record {i}: malformed PUT payload")
+            k = o + 2 + klen
+            table[bytes(data[o + 2:k])] = bytes(data[k:o + size])
+        elif rtype == codec.DELETE:
+            table[bytes(data[o:o + size])] = None
+        else:
+            break
+        i += 1
+    return i
+
+
+def _apply_c(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
+             i: int, n: int) -> int:
+    try:
+        return _replay.apply(table, data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
+                             ffi.buffer(types, n), i, n)
+    except ValueError as exc:
+        raise CorruptionError(f"WAL payload does not decode: {exc}") from None
+
+
+try:
+    from . import _replay
+except ImportError:  # pragma: no cover - a build without the replay extension
+    _apply = _apply_py
+else:
+    _apply = _apply_c
 
 
 @dataclass
@@ -51,30 +90,34 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     records = nbytes = 0
     last = snapshot_lsn
     last_type = 0
+    ignored = ignored_bytes = 0
     decode = codec.decode
-    put, delete = codec.PUT, codec.DELETE
     with WalReader(wal_dir, system_id, snapshot_lsn + 1) as reader:
-        for data, lsns, types, offs, lens in reader.iter_batches():
-            for rtype, o, n in zip(types, offs, lens, strict=True):
-                if rtype == put:  # the common case, inlined
-                    k = o + 2 + (data[o] | data[o + 1] << 8)
-                    table[data[o + 2:k]] = data[k:o + n]
-                elif rtype == delete:
-                    table[data[o:o + n]] = None
-                elif rtype & codec.IGNORABLE:
-                    continue
-                else:
-                    try:
-                        for k, v in decode(rtype, data[o:o + n]):
-                            table[k] = v
-                    except ValueError as exc:
-                        raise CorruptionError(f"WAL record does not decode: {exc}") from None
-            for rtype, n in zip(types, lens, strict=True):
-                if not rtype & codec.IGNORABLE:
-                    records += 1
-                    nbytes += 28 + n
-            last, last_type = lsns[-1], types[-1]
+        for data, n, lsns, types, offs, lens in reader.iter_arrays():
+            i = 0
+            while i < n:
+                # PUT and DELETE records in C (or Python), others one by one here
+                i = _apply(table, data, offs, lens, types, i, n)
+                if i < n:
+                    rtype = types[i]
+                    if not rtype & codec.IGNORABLE:
+                        payload = data[offs[i]:offs[i] + lens[i]]
+                        try:
+                            for k, v in decode(rtype, payload):
+                                table[k] = v
+                        except ValueError as exc:
+                            raise CorruptionError(f"WAL record {lsns[i]} does not decode: "
+                                                  f"{exc}", lsn=lsns[i]) from None
+                    else:
+                        ignored += 1
+                        ignored_bytes += lens[i]
+                    i += 1
+            records += n
+            nbytes += 28 * n + sum(ffi.unpack(lens, n))
+            last, last_type = lsns[n - 1], types[n - 1]
         end = reader.end
+    records -= ignored
+    nbytes -= 28 * ignored + ignored_bytes
 
     truncated = 0
     if end.status == "error":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from ._native import ffi, lib, raise_for
 from .errors import ClosedError
@@ -261,10 +262,12 @@ class WalReader:
         while nxt(r, rec) == 1:
             yield rec.lsn, rec.type, buf(rec.payload, rec.len)[:]
 
-    def iter_batches(self, max_records: int = 32768
-                     ) -> Iterator[tuple[bytes, list[int], list[int], list[int], list[int]]]:
-        """Records in bulk (replay's fast path): (data, lsns, types, offsets, lengths)
-        where record i's payload is data[offsets[i]:offsets[i] + lengths[i]]."""
+    def iter_arrays(self, max_records: int = 32768) -> Iterator[tuple[Any, int, Any, Any, Any,
+                                                                       Any]]:
+        """Records in bulk, as the C reader left them: (data, n, lsns, types, offsets,
+        lengths) where data is a buffer over the segment and the others are cffi
+        arrays; record i's payload is data[offsets[i]:offsets[i] + lengths[i]].
+        The arrays and the buffer are valid until the next iteration."""
         r = self._r
         if r is None:
             return
@@ -273,17 +276,25 @@ class WalReader:
         off = ffi.new("uint64_t[]", max_records)
         ln = ffi.new("uint64_t[]", max_records)
         base = ffi.new("const uint8_t **")
-        batch, unpack, buf = lib.wal_reader_batch, ffi.unpack, ffi.buffer
+        batch, buf = lib.wal_reader_batch, ffi.buffer
         while True:
             n = batch(r, max_records, lsn, typ, off, ln, base)
             if n <= 0:
                 return
+            yield buf(base[0], off[n - 1] + ln[n - 1]), n, lsn, typ, off, ln
+
+    def iter_batches(self, max_records: int = 32768
+                     ) -> Iterator[tuple[bytes, list[int], list[int], list[int], list[int]]]:
+        """Records in bulk as Python objects: (data, lsns, types, offsets, lengths)
+        where record i's payload is data[offsets[i]:offsets[i] + lengths[i]]."""
+        unpack = ffi.unpack
+        for data, n, lsn, typ, off, ln in self.iter_arrays(max_records):
             offs, lens = unpack(off, n), unpack(ln, n)
             start = offs[0]
-            data = buf(base[0] + start, offs[-1] + lens[-1] - start)[:]
+            chunk = data[start:]
             if start:
                 offs = [o - start for o in offs]
-            yield data, unpack(lsn, n), unpack(typ, n), offs, lens
+            yield chunk, unpack(lsn, n), unpack(typ, n), offs, lens
 
     @property
     def end(self) -> LogEnd:
