@@ -28,6 +28,7 @@
 #define WAL_REC_MAX_PAYLOAD (1u << 30) /* 1 GiB: a batch of many 64 MiB values is refused */
 #define WAL_SEG_SUFFIX ".seg"
 #define WAL_SEG_NAME_LEN 20 /* 16 hex digits of first_lsn + ".seg" */
+#define WAL_LAST_NAME "LAST"  /* 16 hex digits + newline: newest segment's first LSN */
 
 /* Record types. Payload encodings are in docs/FORMAT.md ("Payloads"). */
 #define WAL_TYPE_PUT 1u

@@ -69,6 +69,13 @@ int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h);
 /* Creates a segment atomically (tmp, preallocate, header, fdatasync, rename,
  * dir fsync). Returns the open fd (>= 0) or a negative code. */
 int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size);
+/* wal/LAST (first LSN of the newest segment created): 0 and *lsn; 1 if there is
+ * none; WAL_ECORRUPT if unreadable; -errno. */
+int last_read(const char *dir, uint64_t *lsn);
+/* Publishes LAST = lsn (temp file, fsync, rename, directory fsync). */
+int last_write(const char *dir, uint64_t lsn);
+/* Removes LAST (no segment is left) and fsyncs the directory. */
+int last_remove(const char *dir);
 /* Reads a file into a malloc'ed buffer, up to where its data ends: *len may be
  * less than the file size (*size_out, if not NULL); the bytes after are zeros. */
 int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out);

@@ -184,7 +184,23 @@ int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_
         free(r);
         return rc;
     }
-    if (r->nsegs == 0) {
+    uint64_t last = 0;
+    int lr = last_read(dir, &last);
+    if (lr < 0 && lr != WAL_ECORRUPT) {
+        free(r->segs);
+        free(r);
+        return lr;
+    }
+    if (lr == WAL_ECORRUPT || (lr == 0 && (r->nsegs == 0 || last > r->segs[r->nsegs - 1]))) {
+        /* the newest segment ever created is gone (or LAST is unreadable) */
+        r->idx = r->nsegs;
+        r->expected = lr == 0 ? last : 0;
+        stop(r, WAL_END_ERROR, WAL_ECORRUPT, 0);
+        if (lr == 0)
+            seg_name(r->end.path, sizeof r->end.path, dir, last);
+        else
+            snprintf(r->end.path, sizeof r->end.path, "%s/%s", dir, WAL_LAST_NAME);
+    } else if (r->nsegs == 0) {
         stop(r, WAL_END_CLEAN, 0, 0);
     } else {
         /* start at the last segment that begins at or below from_lsn */

@@ -71,6 +71,14 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
             *cut_bytes += (uint64_t)st.st_size;
         rc = h_rename(path, broken);
     }
+    /* wal/LAST names the newest segment that is left (none: LAST goes) */
+    if (rc == 0) {
+        uint64_t newest = 0;
+        for (size_t i = 0; i < n; i++)
+            if (segs[i] < seg_first_lsn || (segs[i] == seg_first_lsn && !whole))
+                newest = segs[i];
+        rc = newest ? last_write(dir, newest) : last_remove(dir);
+    }
     if (rc == 0)
         rc = dir_fsync(dir);
     /* 3. the cut bytes zeroed in place: the space stays allocated */

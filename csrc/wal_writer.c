@@ -13,8 +13,8 @@
  * fdatasync poisons the handle. The page cache may have dropped the dirty
  * pages, so retrying the fsync could "succeed" over lost data: nothing is
  * acknowledged any more until the log is reopened and re-read from disk.
- * The one clean failure is ENOSPC (or any error) while creating a segment:
- * the old segment is complete and synced, no byte of the record was written.
+ * The one clean failure is ENOSPC while creating a segment: the old segment
+ * is complete and synced, no byte of the record was written.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -234,8 +234,14 @@ static int rotate_locked(wal_t *w, uint64_t need)
     int fd = seg_create(w->dir, &h, alloc);
     w->write_busy = 0;
     pthread_cond_broadcast(&w->cv);
-    if (fd < 0)
-        return fd; /* not poisoned: the old segment is whole and synced */
+    if (fd < 0) {
+        /* A full disk is clean: the old segment is whole and synced, the caller
+         * may retry once space is freed. Anything else (EIO, a file system gone
+         * read-only) means a failing device: nothing more is acknowledged. */
+        if (fd != -ENOSPC && fd != -EDQUOT)
+            poison(w, fd);
+        return fd;
+    }
     close(w->fd);
     w->fd = fd;
     w->hdr = h;
@@ -424,6 +430,14 @@ static int remove_tmp(const char *dir)
     while ((e = readdir(d)) != NULL) {
         size_t n = strlen(e->d_name);
         uint64_t lsn;
+        if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0) {
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+            continue;
+        }
         if (n == WAL_SEG_NAME_LEN + 4 && strcmp(e->d_name + WAL_SEG_NAME_LEN, ".tmp") == 0) {
             char name[WAL_SEG_NAME_LEN + 1];
             memcpy(name, e->d_name, WAL_SEG_NAME_LEN);
@@ -522,6 +536,16 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
         rc = seg_list(dir, &segs, &n);
     if (rc == 0 && n > 0)
         rc = open_last(w, segs[n - 1]);
+    if (rc == 0 && n > 0) {
+        /* LAST behind the newest segment (a directory restored or made before
+         * LAST existed): catch it up, so that losing that segment shows */
+        uint64_t last = 0;
+        int lr = last_read(dir, &last);
+        if (lr == 1 || (lr == 0 && last < segs[n - 1]))
+            rc = last_write(dir, segs[n - 1]);
+        else if (lr < 0)
+            rc = lr;
+    }
     free(segs);
     uint64_t min_next = opt->min_next_lsn ? opt->min_next_lsn : 1;
     if (rc == 0 && (n == 0 || w->next_lsn < min_next)) {

@@ -233,10 +233,6 @@ def test_missing_first_or_middle_segment_is_loud(crashed, tmp_path):
     assert counts["loud"] >= 2 * (len(segs) - 1)
 
 
-@pytest.mark.xfail(strict=True, reason="bug (format limitation): when the newest WAL segment "
-                   "is lost, nothing on disk records that it existed (no end-of-log LSN in the "
-                   "snapshot metadata or the marker), so open silently starts without its "
-                   "acknowledged writes instead of failing")
 def test_missing_last_segment_is_loud(crashed, tmp_path):
     src, _recs, _states = crashed
     segs = [p for _l, p in list_segments(os.path.join(src, "wal"))]

@@ -177,6 +177,8 @@ def _end_text(end: Any) -> str:
     if end.status == "torn":
         return (f"torn tail in {end.path} at offset {end.offset} ({end.cut_bytes} bytes after "
                 f"LSN {end.last_lsn}; recovery cuts it)")
+    if end.missing_segment:
+        return f"the newest segment {end.path} is missing (wal/LAST says it was created)"
     return (f"{strerror(end.rc)}: {end.path or '(no segment)'} at offset {end.offset}, "
             f"expected LSN {end.expected_lsn}")
 

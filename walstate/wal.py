@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._native import ffi, lib, raise_for
-from .errors import ClosedError
+from .errors import ClosedError, CorruptionError
 
 SEGMENT_SUFFIX = ".seg"
 
@@ -202,25 +202,37 @@ class LogEnd:
     segments: int
     bytes: int
 
+    @property
+    def missing_segment(self) -> bool:
+        """True if the log ends because a segment that wal/LAST names is gone."""
+        return (self.status == "error" and self.rc == lib.WAL_ECORRUPT and bool(self.path)
+                and self.path.endswith(SEGMENT_SUFFIX) and not os.path.exists(self.path))
+
     def raise_error(self, what: str = "reading the write-ahead log") -> None:
         """Raise the exception for an "error" end (nothing otherwise)."""
-        if self.status == "error":
-            extra = ""
-            if self.rc == lib.WAL_EMISMATCH:
-                extra = f"; it has system_id {self.found_system_id}"
-            elif self.rc == lib.WAL_EGAP:
-                extra = f"; LSN {self.expected_lsn} is not in the WAL"
-            elif self.rc == lib.WAL_ECORRUPT:
-                extra = f" at offset {self.offset}, expected LSN {self.expected_lsn}"
-            try:
-                raise_for(self.rc, what, self.path or None, offset=self.offset,
-                          lsn=self.expected_lsn)
-            except Exception as exc:
-                if extra:
-                    exc.args = (str(exc.args[0] if exc.args else exc) + extra,) + exc.args[1:]
-                    if isinstance(exc, OSError):
-                        exc.strerror = str(exc.strerror) + extra
-                raise
+        if self.status != "error":
+            return
+        if self.missing_segment:
+            raise CorruptionError(
+                f"{what}: the newest WAL segment {self.path} is missing (wal/LAST says it "
+                "was created; deleted, or lost in a copy or restore?): the writes it held "
+                "cannot be recovered", path=self.path, offset=0, lsn=self.expected_lsn or None)
+        extra = ""
+        if self.rc == lib.WAL_EMISMATCH:
+            extra = f"; it has system_id {self.found_system_id}"
+        elif self.rc == lib.WAL_EGAP:
+            extra = f"; LSN {self.expected_lsn} is not in the WAL"
+        elif self.rc == lib.WAL_ECORRUPT:
+            extra = f" at offset {self.offset}, expected LSN {self.expected_lsn}"
+        try:
+            raise_for(self.rc, what, self.path or None, offset=self.offset,
+                      lsn=self.expected_lsn)
+        except Exception as exc:
+            if extra:
+                exc.args = (str(exc.args[0] if exc.args else exc) + extra,) + exc.args[1:]
+                if isinstance(exc, OSError):
+                    exc.strerror = str(exc.strerror) + extra
+            raise
 
 
 _STATUS = {lib.WAL_END_CLEAN: "clean", lib.WAL_END_TORN: "torn", lib.WAL_END_ERROR: "error",
