@@ -59,7 +59,16 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
             len = offset;
         }
     }
-    /* 2. later segments (and a wholly cut one) renamed aside, newest first,
+    /* 2. wal/LAST lowered to the newest segment that stays, durably, before any
+     *    segment goes: it must never name one that is gone */
+    if (rc == 0) {
+        uint64_t newest = 0;
+        for (size_t i = 0; i < n; i++)
+            if (segs[i] < seg_first_lsn || (segs[i] == seg_first_lsn && !whole))
+                newest = segs[i];
+        rc = newest ? last_write(dir, newest) : last_remove(dir);
+    }
+    /* 3. later segments (and a wholly cut one) renamed aside, newest first,
      *    so that a crash in between leaves a log that still ends at the cut */
     for (size_t i = n; rc == 0 && i-- > 0;) {
         if (segs[i] < seg_first_lsn || (segs[i] == seg_first_lsn && !whole))
@@ -71,17 +80,9 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
             *cut_bytes += (uint64_t)st.st_size;
         rc = h_rename(path, broken);
     }
-    /* wal/LAST names the newest segment that is left (none: LAST goes) */
-    if (rc == 0) {
-        uint64_t newest = 0;
-        for (size_t i = 0; i < n; i++)
-            if (segs[i] < seg_first_lsn || (segs[i] == seg_first_lsn && !whole))
-                newest = segs[i];
-        rc = newest ? last_write(dir, newest) : last_remove(dir);
-    }
     if (rc == 0)
         rc = dir_fsync(dir);
-    /* 3. the cut bytes zeroed in place: the space stays allocated */
+    /* 4. the cut bytes zeroed in place: the space stays allocated */
     if (rc == 0 && !whole && len > offset) {
         seg_name(path, sizeof path, dir, seg_first_lsn);
         int fd = h_open(path, O_WRONLY, 0);

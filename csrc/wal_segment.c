@@ -270,7 +270,11 @@ int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
     h_killpoint("segment_create_before_rename");
     if (rc == 0)
         rc = h_rename(tmp, final);
-    if (rc == 0) /* after the segment: LAST never names a segment that is not there */
+    /* the segment's name durable before LAST names it: two renames in one
+     * directory may otherwise reach the disk in either order */
+    if (rc == 0)
+        rc = dir_fsync(dir);
+    if (rc == 0)
         rc = last_publish(dir);
     if (rc == 0)
         rc = dir_fsync(dir);
