@@ -52,3 +52,21 @@ def test_large_recovery_checkpoints_in_the_background(tmp_path, monkeypatch):
         assert db.get(b"k00001") == b"v1" and db.get(b"k00000") is None
     with walstate.open(path, recovery="strict") as db:
         assert dict(db.items()) == {**model, b"new": b"1"}
+
+
+def test_a_writer_opens_beside_read_only_engines_of_its_process(tmp_path):
+    path = str(tmp_path / "db")
+    with walstate.open(path) as db:
+        db.put(b"a", b"1")
+    ro = walstate.open(path, read_only=True)
+    it = ro.items()
+    assert next(it) == (b"a", b"1")
+    with walstate.open(path) as rw:  # LMDB allows one environment per process: shared
+        rw.put(b"b", b"2")
+        rw.checkpoint()
+        assert ro.get(b"a") == b"1" and list(it) == []
+        assert ro.get(b"b") == b"2"  # through the shared snapshot, after the checkpoint
+    assert ro.get(b"a") == b"1"
+    ro.close()
+    with walstate.open(path, read_only=True) as again:
+        assert dict(again.items()) == {b"a": b"1", b"b": b"2"}

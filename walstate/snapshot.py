@@ -16,6 +16,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 
 import lmdb
@@ -78,6 +79,34 @@ class _SharedEnv:
         self.readers: set[object] = set()
         self.resizing = False
         self.cv = threading.Condition()
+        self.users: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+
+    def upgrade(self, path: str, map_size: int) -> None:
+        """Reopens a read-only environment for writing (a writer opens a directory
+        that read-only engines of this process already have open): waits for the
+        reads in progress, then swaps the environment under every user."""
+        with self.cv:
+            self.resizing = True
+        try:
+            deadline = time.monotonic() + 10.0
+            while self.readers:
+                if time.monotonic() > deadline:
+                    raise LockedError(f"{path}: read-only readers of this process did not "
+                                      "finish within 10 s; open for writing again later")
+                time.sleep(0.001)
+            self.env.close()
+            env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=2, readonly=False,
+                            lock=True, sync=True, metasync=False, writemap=False,
+                            create=False, readahead=False, meminit=False, max_readers=512)
+            self.env, self.locked, self.writable = env, True, True
+            self.data = env.open_db(b"data", create=True)
+            self.metadb = env.open_db(b"meta", create=True)
+            for snap in list(self.users):
+                snap._bind(self)
+        finally:
+            with self.cv:
+                self.resizing = False
+                self.cv.notify_all()
 
 
 _shared: dict[str, _SharedEnv] = {}
@@ -109,8 +138,10 @@ class Snapshot:
         with _shared_mu:
             sh = _shared.get(key)
             if sh is not None and not read_only and not sh.writable:
-                raise LockedError(f"{path} is open read-only in this process; close those "
-                                  "engines before opening it for writing")
+                try:
+                    sh.upgrade(path, map_size)
+                except lmdb.Error as exc:
+                    raise self._translate(exc, "opening the snapshot", opening=True) from None
             if sh is None:
                 try:
                     env = lmdb.open(
@@ -124,14 +155,19 @@ class Snapshot:
                 _shared[key] = sh
             sh.refs += 1
         self._key = key
+        self._bind(sh)
+        sh.users.add(self)
+        if create:
+            fsync_dir(path)  # LMDB does not fsync its directory
+
+    def _bind(self, sh: _SharedEnv) -> None:
+        """Points this open at the shared environment's current handles."""
         self._sh = sh
         self.env = sh.env
         self.data = sh.data
         self.metadb = sh.metadb
         self._readers = sh.readers
         self._validate = not sh.locked
-        if create:
-            fsync_dir(path)  # LMDB does not fsync its directory
 
     # ---- errors ----------------------------------------------------------
     def _translate(self, exc: BaseException, what: str, opening: bool = False) -> Exception:
@@ -222,10 +258,15 @@ class Snapshot:
 
     def _get_validated(self, key: bytes) -> bytes | None:
         for _ in range(100):
-            with self.env.begin(db=self.data) as txn:
-                tid = txn.id()
-                value = txn.get(key)
-            if self._still_valid(tid):
+            tok = self.enter()
+            try:
+                with self.env.begin(db=self.data) as txn:
+                    tid = txn.id()
+                    value = txn.get(key)
+                valid = self._still_valid(tid)
+            finally:
+                self.leave(tok)
+            if valid:
                 return value
         raise WalStateError(f"read-only read of {self.path}: the writer kept recycling pages "
                             "under the read; retry")
@@ -362,6 +403,7 @@ class Snapshot:
             sh, self._sh = self._sh, None  # type: ignore[assignment]
             if sh is None:
                 return
+            sh.users.discard(self)
             sh.refs -= 1
             if sh.refs == 0:
                 if _shared.get(self._key) is sh:
