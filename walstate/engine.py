@@ -49,7 +49,7 @@ REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
 # lost, and LSNs are never reused.
 LSN_SKIP_AFTER_CRASH = 1 << 32
 # A recovery that replayed more keys than this checkpoints in the background.
-RECOVERY_CHECKPOINT_INLINE_KEYS = 100_000
+RECOVERY_CHECKPOINT_INLINE_KEYS = 50_000
 
 
 class _ClosedTable:
