@@ -21,6 +21,7 @@
 #define WAL_EPOISONED -1006 /* an earlier write/fsync failed: nothing more is acknowledged */
 #define WAL_ETOOBIG -1007   /* payload above WAL_REC_MAX_PAYLOAD */
 #define WAL_EINVAL -1008    /* bad argument */
+#define WAL_EAGAIN -1009    /* wal_put_nowait: the append would wait or do I/O */
 
 typedef struct wal wal_t;
 typedef struct wal_reader wal_reader_t;
@@ -72,6 +73,11 @@ int wal_append(wal_t *w, unsigned type, const void *a, size_t alen, const void *
 /* PUT payload = u16 key length || key || value. */
 int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
             uint64_t *lsn_out);
+
+/* wal_put, but WAL_EAGAIN instead of waiting for the handle's mutex or doing
+ * any I/O (a full buffer, a new segment): for callers that must not block. */
+int wal_put_nowait(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
+                   uint64_t *lsn_out);
 
 /* Waits until `lsn` (0: everything appended) is durable, sharing the
  * fdatasync with concurrent callers (group commit). *durable_out: durable LSN. */

@@ -122,6 +122,8 @@ const char *wal_strerror(int rc)
         return "record payload above the 1 GiB limit";
     case WAL_EINVAL:
         return "invalid argument";
+    case WAL_EAGAIN:
+        return "the append would wait or do I/O";
     default:
         return rc < 0 && rc > -1000 ? strerror(-rc) : "unknown error";
     }

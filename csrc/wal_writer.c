@@ -257,8 +257,10 @@ struct piece {
     size_t n;
 };
 
+/* nowait: return WAL_EAGAIN instead of waiting for the mutex or doing any I/O
+ * (a caller that holds the GIL must not block). */
 static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int npc,
-                         uint64_t *lsn_out)
+                         uint64_t *lsn_out, int nowait)
 {
     size_t plen = 0;
     for (int i = 0; i < npc; i++) {
@@ -272,10 +274,18 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
         return WAL_EINVAL;
     size_t need = WAL_REC_HDR_SIZE + plen;
     int rc = 0;
-    pthread_mutex_lock(&w->mu);
+    if (!nowait)
+        pthread_mutex_lock(&w->mu);
+    else if (pthread_mutex_trylock(&w->mu) != 0)
+        return WAL_EAGAIN;
     for (;;) {
         if (w->poisoned) {
             rc = WAL_EPOISONED;
+            break;
+        }
+        if (nowait && (w->file_off + w->buf_len + need > w->seg_alloc ||
+                       w->buf_len + need > w->buf_cap)) {
+            rc = WAL_EAGAIN;
             break;
         }
         if (w->file_off + w->buf_len + need > w->seg_alloc) {
@@ -329,7 +339,7 @@ int wal_append(wal_t *w, unsigned type, const void *a, size_t alen, const void *
                uint64_t *lsn_out)
 {
     struct piece pc[2] = {{a, alen}, {b, blen}};
-    return append_pieces(w, type, pc, 2, lsn_out);
+    return append_pieces(w, type, pc, 2, lsn_out, 0);
 }
 
 int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
@@ -339,7 +349,17 @@ int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen
         return WAL_EINVAL;
     uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
     struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
-    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out);
+    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, 0);
+}
+
+int wal_put_nowait(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
+                   uint64_t *lsn_out)
+{
+    if (klen == 0 || klen > 0xffff)
+        return WAL_EINVAL;
+    uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
+    struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
+    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, 1);
 }
 
 int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)

@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from . import _testing, codec
@@ -50,6 +51,17 @@ REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
 LSN_SKIP_AFTER_CRASH = 1 << 32
 # A recovery that replayed more keys than this checkpoints in the background.
 RECOVERY_CHECKPOINT_INLINE_KEYS = 50_000
+
+
+try:
+    from . import _speedups
+except ImportError:  # pragma: no cover - a build without the speedups extension
+    _speedups = None  # type: ignore[assignment]
+
+
+def _no_fast_put(table: dict, key: bytes, value: bytes) -> int:
+    """Stands in for walstate._speedups.put where that did not build: "would block"."""
+    return 0
 
 
 class _ClosedTable:
@@ -131,6 +143,7 @@ class Engine:
         self._writable = False
         self._sync_always = config.sync == "always"
         self._threshold = float(config.max_wal_size)
+        self._fast_put: Callable[[dict, bytes, bytes], int] = _no_fast_put
         self._stats_base: dict[str, Any] = {}
         self._wal_bytes = 0          # record bytes appended since open
         self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
@@ -199,6 +212,8 @@ class Engine:
             self._wal.sync(self._wal.append(codec.SESSION, b""))
             self._last_lsn = self._wal.stats()["next_lsn"] - 1
             self._wal_put = self._wal.put_serialized
+            if _speedups is not None:
+                self._fast_put = partial(_speedups.put, *self._wal.nowait_put_args())
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
             clock=self._clock, last=last, last_lsn=snap_lsn)
@@ -308,8 +323,13 @@ class Engine:
             value = codec.as_value(value)
         try:
             with self._lock:
-                lsn = self._wal_put(key, value)
-                self._active[key] = value
+                if not self._writable:  # closed or failed while we waited for the lock
+                    self._check_write()
+                # in C with the GIL held when the append need not wait, else via cffi
+                lsn = self._fast_put(self._active, key, value)
+                if lsn <= 0:
+                    lsn = self._wal_put(key, value)
+                    self._active[key] = value
                 self._last_lsn = lsn
                 self._counts["puts"] += 1
                 self._wal_bytes += REC_OVERHEAD + 2 + len(key) + len(value)
@@ -612,7 +632,8 @@ class Engine:
             self._checkpointer.stop()
         if self._wal is not None:
             try:
-                self._wal.close()
+                with self._lock:  # no put is inside the C log when its handle goes
+                    self._wal.close()
             except WalStateError:
                 pass
         if self._snapshot is not None:

@@ -36,7 +36,7 @@ log = logging.getLogger("walstate")
 def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
               i: int, n: int) -> int:
     """PUT and DELETE records i.. into table; the index of the first other record
-    (the Python twin of csrc/replay.c, used where that did not build)."""
+    (the Python twin of apply() in csrc/speedups.c, used where that did not build)."""
     data = memoryview(data)
     while i < n:
         rtype, o, size = types[i], offs[i], lens[i]
@@ -57,15 +57,15 @@ def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any,
 def _apply_c(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
              i: int, n: int) -> int:
     try:
-        return _replay.apply(table, data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
+        return _speedups.apply(table, data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
                              ffi.buffer(types, n), i, n)
     except ValueError as exc:
         raise CorruptionError(f"WAL payload does not decode: {exc}") from None
 
 
 try:
-    from . import _replay
-except ImportError:  # pragma: no cover - a build without the replay extension
+    from . import _speedups
+except ImportError:  # pragma: no cover - a build without the speedups extension
     _apply = _apply_py
 else:
     _apply = _apply_c

@@ -94,6 +94,14 @@ class Wal:
             self._fail(rc, "appending to the write-ahead log")
         return self._lsn[0]
 
+    def nowait_put_args(self) -> tuple[int, int]:
+        """(address of wal_put_nowait, address of this handle): the first two
+        arguments of walstate._speedups.put. Valid until close()."""
+        if self._h is None:
+            raise ClosedError("the write-ahead log is closed")
+        fn = ffi.addressof(lib, "wal_put_nowait")
+        return int(ffi.cast("uintptr_t", fn)), int(ffi.cast("uintptr_t", self._h))
+
     def append(self, rtype: int, payload: bytes) -> int:
         """Buffers a record of type ``rtype``; returns its LSN."""
         h = self._h

@@ -1,5 +1,14 @@
 /*
- * walstate._replay: the inner loop of crash recovery, in C. Applies the PUT
+ * walstate._speedups: two inner loops in C, as a plain CPython extension
+ * because they build Python objects (the WAL itself is the cffi module).
+ *
+ * put(): the engine's put without a cffi crossing: appends through
+ * wal_put_nowait (reached by its address, taken from the cffi module) with
+ * the GIL held, then stores the value in the in-memory table. The caller
+ * holds the engine's write lock; when the append would block it gets
+ * WAL_EAGAIN back and takes the ordinary path, which releases the GIL.
+ *
+ * apply(): the inner loop of crash recovery. Applies the PUT
  * and DELETE records of one batch read by wal_reader_batch to the in-memory
  * table (a dict: key -> value, None for a delete), in order, and stops at the
  * first record of any other type (a BATCH, an ignorable record), which the
@@ -88,18 +97,48 @@ out:
     return result;
 }
 
+typedef int (*put_fn)(void *w, const void *key, size_t klen, const void *val, size_t vlen,
+                      uint64_t *lsn_out);
+
+/* put(fn, wal, table, key, value) -> LSN (> 0) once appended and stored in table, or
+ * the C code (<= 0, table untouched): WAL_EAGAIN when the append would block.
+ * fn: address of wal_put_nowait; wal: the wal_t handle's address; key, value: bytes. */
+static PyObject *put(PyObject *self, PyObject *args)
+{
+    (void)self;
+    unsigned long long fn, wal;
+    PyObject *table, *key, *value;
+    if (!PyArg_ParseTuple(args, "KKO!SS", &fn, &wal, &PyDict_Type, &table, &key, &value))
+        return NULL;
+    if (!fn || !wal) {
+        PyErr_SetString(PyExc_ValueError, "put: null function or handle");
+        return NULL;
+    }
+    uint64_t lsn = 0;
+    int rc = ((put_fn)(uintptr_t)fn)((void *)(uintptr_t)wal, PyBytes_AS_STRING(key),
+                                     (size_t)PyBytes_GET_SIZE(key), PyBytes_AS_STRING(value),
+                                     (size_t)PyBytes_GET_SIZE(value), &lsn);
+    if (rc != 0)
+        return PyLong_FromLong(rc);
+    if (PyDict_SetItem(table, key, value) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(lsn);
+}
+
 static PyMethodDef methods[] = {
+    {"put", put, METH_VARARGS,
+     "put(fn, wal, table, key, value) -> LSN once appended and stored, or the C code (<= 0)"},
     {"apply", apply, METH_VARARGS,
      "apply(table, data, offs, lens, types, start, n) -> index of the first record that "
      "is neither PUT nor DELETE"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "walstate._replay",
-                                    "Crash recovery's inner loop.", -1, methods,
-                                    NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "walstate._speedups",
+                                    "The engine's put and recovery's inner loop, in C.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__replay(void)
+PyMODINIT_FUNC PyInit__speedups(void)
 {
     return PyModule_Create(&module);
 }
