@@ -39,6 +39,17 @@ def _lmdb(d: str, sync: bool) -> lmdb.Environment:
     return lmdb.open(os.path.join(d, "lmdb"), map_size=1 << 30, sync=sync, metasync=sync)
 
 
+def _walstate_with_keys(d: str, checkpoint: bool) -> walstate.Engine:
+    """A sync="none" engine holding KEYS, in the snapshot or in memory."""
+    db = walstate.open(os.path.join(d, "ws"), sync="none")
+    with db.batch() as b:
+        for k in KEYS:
+            b.put(k, VAL)
+    if checkpoint:
+        db.checkpoint()
+    return db
+
+
 def _sqlite(d: str, sync: str) -> sqlite3.Connection:
     con = sqlite3.connect(os.path.join(d, "s.db"), isolation_level=None)
     con.execute("PRAGMA journal_mode=WAL")
@@ -86,11 +97,7 @@ def test_get_snapshot(benchmark, bench_dir, who):
     order = list(KEYS)
     rnd.shuffle(order)
     if who == "walstate":
-        db = walstate.open(os.path.join(bench_dir, "ws"), sync="none")
-        with db.batch() as b:
-            for k in KEYS:
-                b.put(k, VAL)
-        db.checkpoint()
+        db = _walstate_with_keys(bench_dir, checkpoint=True)
         get = db.get
         benchmark.pedantic(lambda: [get(k) for k in order], rounds=5)
         db.close()
@@ -120,10 +127,7 @@ def test_get_memtable(benchmark, bench_dir, who):
     order = list(KEYS)
     rnd.shuffle(order)
     if who == "walstate":
-        db = walstate.open(os.path.join(bench_dir, "ws"), sync="none")
-        with db.batch() as b:
-            for k in KEYS:
-                b.put(k, VAL)
+        db = _walstate_with_keys(bench_dir, checkpoint=False)
         get = db.get
         benchmark.pedantic(lambda: [get(k) for k in order], rounds=5)
         db._abandon()

@@ -342,24 +342,27 @@ int wal_append(wal_t *w, unsigned type, const void *a, size_t alen, const void *
     return append_pieces(w, type, pc, 2, lsn_out, 0);
 }
 
-int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
-            uint64_t *lsn_out)
+/* PUT payload = u16 key length || key || value. */
+static int put_record(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
+                      uint64_t *lsn_out, int nowait)
 {
     if (klen == 0 || klen > 0xffff)
         return WAL_EINVAL;
     uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
     struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
-    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, 0);
+    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, nowait);
+}
+
+int wal_put(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
+            uint64_t *lsn_out)
+{
+    return put_record(w, key, klen, val, vlen, lsn_out, 0);
 }
 
 int wal_put_nowait(wal_t *w, const void *key, size_t klen, const void *val, size_t vlen,
                    uint64_t *lsn_out)
 {
-    if (klen == 0 || klen > 0xffff)
-        return WAL_EINVAL;
-    uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
-    struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
-    return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, 1);
+    return put_record(w, key, klen, val, vlen, lsn_out, 1);
 }
 
 int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)

@@ -21,6 +21,8 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from walstate.testing import apply_op  # the one dict model of the op encoding below
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SEG_HDR = 64   # docs/FORMAT.md: segment header bytes
 REC_HDR = 28   # docs/FORMAT.md: record header bytes
@@ -50,17 +52,6 @@ def digest(st: dict[bytes, bytes]) -> str:
         v = st[k]
         h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
     return h.hexdigest()
-
-
-def apply_op(st: dict[bytes, bytes], op: Op) -> None:
-    """Applies one operation to the dict model."""
-    if op[0] == "P":
-        st[op[1]] = op[2]
-    elif op[0] == "D":
-        st.pop(op[1], None)
-    else:
-        for sub in op[1]:
-            apply_op(st, sub)
 
 
 def run_op(db, op: Op) -> int:

@@ -624,18 +624,25 @@ class Engine:
             if err is not None:
                 raise err
 
-    def _teardown(self) -> None:
+    def _teardown(self, crash: bool = False) -> None:
+        """Releases every resource. ``crash`` (the _abandon test hook) drops the
+        WAL's buffer instead of flushing it, as a dying process would."""
         self._writable = False
         self._closed = True
         self._active = _ClosedTable(self.path)  # type: ignore[assignment]
+        if self._flusher is not None:
+            self._flusher_stop.set()
         if self._checkpointer is not None:
             self._checkpointer.stop()
         if self._wal is not None:
-            try:
-                with self._lock:  # no put is inside the C log when its handle goes
-                    self._wal.close()
-            except WalStateError:
-                pass
+            if crash:
+                self._wal.abandon()
+            else:
+                try:
+                    with self._lock:  # no put is inside the C log when its handle goes
+                        self._wal.close()
+                except WalStateError:
+                    pass
         if self._snapshot is not None:
             self._snapshot.close()
         if self._dirlock is not None:
@@ -645,20 +652,7 @@ class Engine:
     def _abandon(self) -> None:
         """Test hook: drop the engine as a crash would (no flush, no checkpoint)."""
         with self._close_mu:
-            self._writable = False
-            self._closed = True
-            self._active = _ClosedTable(self.path)  # type: ignore[assignment]
-            if self._flusher is not None:
-                self._flusher_stop.set()
-            if self._checkpointer is not None:
-                self._checkpointer.stop()
-            if self._wal is not None:
-                self._wal.abandon()
-            if self._snapshot is not None:
-                self._snapshot.close()
-            if self._dirlock is not None:
-                self._dirlock.release()
-                self._dirlock = None
+            self._teardown(crash=True)
 
     def __enter__(self) -> Engine:
         return self

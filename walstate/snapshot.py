@@ -17,7 +17,8 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import lmdb
 
@@ -81,32 +82,46 @@ class _SharedEnv:
         self.cv = threading.Condition()
         self.users: weakref.WeakSet[Snapshot] = weakref.WeakSet()
 
-    def upgrade(self, path: str, map_size: int) -> None:
-        """Reopens a read-only environment for writing (a writer opens a directory
-        that read-only engines of this process already have open): waits for the
-        reads in progress, then swaps the environment under every user."""
+    @contextmanager
+    def quiesced(self, timeout_error: Callable[[], Exception]) -> Iterator[None]:
+        """Holds new readers back and waits (at most 10 s, then raises
+        timeout_error()) until no read is in progress: LMDB allows replacing or
+        resizing the map only with no transaction active in the process."""
         with self.cv:
             self.resizing = True
         try:
             deadline = time.monotonic() + 10.0
             while self.readers:
                 if time.monotonic() > deadline:
-                    raise LockedError(f"{path}: read-only readers of this process did not "
-                                      "finish within 10 s; open for writing again later")
+                    raise timeout_error()
                 time.sleep(0.001)
+            yield
+        finally:
+            with self.cv:
+                self.resizing = False
+                self.cv.notify_all()
+
+    def upgrade(self, path: str, map_size: int) -> None:
+        """Reopens a read-only environment for writing (a writer opens a directory
+        that read-only engines of this process already have open), under every
+        user, once the reads in progress are done."""
+        with self.quiesced(lambda: LockedError(
+                f"{path}: read-only readers of this process did not finish within 10 s; "
+                "open for writing again later")):
             self.env.close()
-            env = lmdb.open(path, map_size=map_size, subdir=True, max_dbs=2, readonly=False,
-                            lock=True, sync=True, metasync=False, writemap=False,
-                            create=False, readahead=False, meminit=False, max_readers=512)
+            env = _open_env(path, map_size, read_only=False, create=False)
             self.env, self.locked, self.writable = env, True, True
             self.data = env.open_db(b"data", create=True)
             self.metadb = env.open_db(b"meta", create=True)
             for snap in list(self.users):
                 snap._bind(self)
-        finally:
-            with self.cv:
-                self.resizing = False
-                self.cv.notify_all()
+
+
+def _open_env(path: str, map_size: int, read_only: bool, create: bool) -> lmdb.Environment:
+    """The LMDB environment as walstate uses it (docs/FORMAT.md, "Snapshot")."""
+    return lmdb.open(path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
+                     lock=not read_only, sync=True, metasync=False, writemap=False,
+                     create=create, readahead=False, meminit=False, max_readers=512)
 
 
 _shared: dict[str, _SharedEnv] = {}
@@ -144,10 +159,7 @@ class Snapshot:
                     raise self._translate(exc, "opening the snapshot", opening=True) from None
             if sh is None:
                 try:
-                    env = lmdb.open(
-                        path, map_size=map_size, subdir=True, max_dbs=2, readonly=read_only,
-                        lock=not read_only, sync=True, metasync=False, writemap=False,
-                        create=create, readahead=False, meminit=False, max_readers=512)
+                    env = _open_env(path, map_size, read_only, create)
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
                 except lmdb.Error as exc:
@@ -371,28 +383,15 @@ class Snapshot:
 
     def _grow(self) -> None:
         new = self.env.info()["map_size"] * 2
-        sh = self._sh
-        with sh.cv:
-            sh.resizing = True
-        try:
-            deadline = time.monotonic() + 10.0
-            while self._readers:
-                if time.monotonic() > deadline:
-                    # not a failure of the engine: the checkpoint keeps its WAL and
-                    # is retried later
-                    raise WalStateError(
-                        f"growing the snapshot map ({self.path}): readers (open items() "
-                        "iterators) did not finish within 10 s; the checkpoint is retried "
-                        "later")
-                time.sleep(0.001)
+        # a timeout is not a failure of the engine: the checkpoint keeps its WAL
+        # and is retried later
+        with self._sh.quiesced(lambda: WalStateError(
+                f"growing the snapshot map ({self.path}): readers (open items() iterators) "
+                "did not finish within 10 s; the checkpoint is retried later")):
             try:
                 self.env.set_mapsize(new)
             except lmdb.Error as exc:
                 raise self._translate(exc, "growing the snapshot map") from None
-        finally:
-            with sh.cv:
-                sh.resizing = False
-                sh.cv.notify_all()
 
     def map_size(self) -> int:
         return self.env.info()["map_size"]

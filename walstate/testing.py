@@ -272,6 +272,7 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
 # ---- the oracle ----------------------------------------------------------------------------
 
 def apply_op(state: dict[bytes, bytes], op: tuple) -> None:
+    """Applies ("P", key, value), ("D", key) or ("B", [ops]) to a dict model."""
     if op[0] == "P":
         state[op[1]] = op[2]
     elif op[0] == "D":
