@@ -55,14 +55,27 @@ def decode_meta(raw: bytes, where: str) -> dict:
 
 
 def _check_size(env: lmdb.Environment, data_file: str) -> None:
-    """CorruptionError if data.mdb is shorter than the pages its meta page says are
-    in use: reading them through the mapping would kill the process (SIGBUS)."""
-    need = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    """CorruptionError if data.mdb is visibly cut short, before anything reads it: a
+    page past the end of the file read through the mapping kills the process
+    (SIGBUS).
+
+    The meta page's last_pgno is not an exact bound: pages a transaction
+    allocated and freed again ("loose" pages) count there but are never written,
+    so after a crash the file may end a little before it (seen: one page). So the
+    file may fall short of last_pgno by a slack of up to 1/8 of it (at most 256
+    pages); a bigger cut is corruption. (Reading the trees to find the exact
+    bound would itself read past the end.) A partial last page is no danger --
+    the mapping reads zeros up to the end of the page that holds the end of the
+    file -- and a power loss can leave one (a write torn at a sector boundary).
+    """
+    psize = env.stat()["psize"]
+    pages = env.info()["last_pgno"] + 1
     size = os.path.getsize(data_file)
-    if size < need:
+    slack = min(256, pages // 8)
+    if size < (pages - slack) * psize:
         env.close()
         raise CorruptionError(f"the snapshot {data_file} is truncated: {size} bytes, but its "
-                              f"pages need {need}", path=data_file, offset=size)
+                              f"pages reach {pages * psize}", path=data_file, offset=size)
 
 
 class _SharedEnv:
