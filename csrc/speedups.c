@@ -1,12 +1,12 @@
 /*
- * walstate._speedups: two inner loops in C, as a plain CPython extension
+ * walstate._speedups: the hot path and an inner loop in C, as a plain CPython extension
  * because they build Python objects (the WAL itself is the cffi module).
  *
- * put(): the engine's put without a cffi crossing: appends through
- * wal_put_nowait (reached by its address, taken from the cffi module) with
- * the GIL held, then stores the value in the in-memory table. The caller
- * holds the engine's write lock; when the append would block it gets
- * WAL_EAGAIN back and takes the ordinary path, which releases the GIL.
+ * Hot: the engine's put and get without a Python frame or a cffi crossing:
+ * appends through wal_put_nowait (reached by its address, taken from the cffi
+ * module) with the GIL held, then stores the value in the in-memory table.
+ * When the append would block (WAL_EAGAIN) it takes the engine's general path,
+ * which releases the GIL. encode_batch(): a BATCH payload.
  *
  * apply(): the inner loop of crash recovery. Applies the PUT
  * and DELETE records of one batch read by wal_reader_batch to the in-memory
@@ -20,6 +20,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
+#include <limits.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -100,34 +103,272 @@ out:
 typedef int (*put_fn)(void *w, const void *key, size_t klen, const void *val, size_t vlen,
                       uint64_t *lsn_out);
 
-/* put(fn, wal, table, key, value) -> LSN (> 0) once appended and stored in table, or
- * the C code (<= 0, table untouched): WAL_EAGAIN when the append would block.
- * fn: address of wal_put_nowait; wal: the wal_t handle's address; key, value: bytes. */
-static PyObject *put(PyObject *self, PyObject *args)
+/* Engine limits (walstate/codec.py); anything outside goes to the Python path,
+ * which raises the error naming the limit. */
+#define MAX_KEY 511
+#define MAX_VALUE (64 * 1024 * 1024)
+
+/*
+ * Hot: the engine's hot path (Engine.put and Engine.get) as one C object, so
+ * that a put or a get of a recent key costs one C call and no Python frame.
+ *
+ * It owns the state that path touches -- the in-memory table, the last LSN,
+ * the WAL byte counters -- and the engine reads and writes that state through
+ * its attributes. Anything out of the ordinary (a non-bytes key, a limit
+ * exceeded, a closed or failed engine, an append that would wait for the
+ * log's mutex or for I/O, a Python caller inside the engine's lock: `busy`)
+ * goes to the Python callables given at construction, with the same
+ * arguments, so the errors and the blocking path live in one place
+ * (walstate/engine.py). Everything here runs with the GIL held and never
+ * releases it, so a fast put is atomic with respect to every other Python
+ * thread; Python code that updates the table with the GIL released in between
+ * raises `busy` first.
+ */
+typedef struct {
+    PyObject_HEAD
+    put_fn put;            /* wal_put_nowait, or NULL: no log (read-only) */
+    void *wal;             /* its handle */
+    PyObject *table;       /* the in-memory table: a dict (else: the slow path) */
+    PyObject *slow_put;    /* slow_put(key, value) -> LSN: the general put */
+    PyObject *ack;         /* ack(lsn) -> LSN: waits per sync mode, asks for a checkpoint */
+    PyObject *slow_get;    /* slow_get(key, default=None): the general get */
+    int writable;          /* 0: every put takes the slow path */
+    int sync_always;       /* 1: every put ends in ack() */
+    int busy;              /* > 0: a Python thread is inside the engine's lock */
+    unsigned long long last_lsn;
+    long long puts;        /* puts done here */
+    long long wal_bytes;   /* record bytes appended since open */
+    long long frozen_bytes;/* wal_bytes when the table was last frozen */
+    long long threshold;   /* wal_bytes - frozen_bytes above this: ack() */
+} Hot;
+
+static int hot_init(Hot *h, PyObject *args, PyObject *kw)
 {
-    (void)self;
-    unsigned long long fn, wal;
-    PyObject *table, *key, *value;
-    if (!PyArg_ParseTuple(args, "KKO!SS", &fn, &wal, &PyDict_Type, &table, &key, &value))
-        return NULL;
-    if (!fn || !wal) {
-        PyErr_SetString(PyExc_ValueError, "put: null function or handle");
+    static char *names[] = {"slow_put", "ack", "slow_get", NULL};
+    PyObject *slow_put, *ack, *slow_get;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO", names, &slow_put, &ack, &slow_get))
+        return -1;
+    if (!PyCallable_Check(slow_put) || !PyCallable_Check(ack) || !PyCallable_Check(slow_get)) {
+        PyErr_SetString(PyExc_TypeError, "Hot: slow_put, ack and slow_get must be callable");
+        return -1;
+    }
+    Py_INCREF(slow_put);
+    Py_INCREF(ack);
+    Py_INCREF(slow_get);
+    Py_XSETREF(h->slow_put, slow_put);
+    Py_XSETREF(h->ack, ack);
+    Py_XSETREF(h->slow_get, slow_get);
+    if (!h->table)
+        h->table = PyDict_New();
+    h->threshold = LLONG_MAX;
+    return h->table ? 0 : -1;
+}
+
+static int hot_traverse(Hot *h, visitproc visit, void *arg)
+{
+    Py_VISIT(h->table);
+    Py_VISIT(h->slow_put);
+    Py_VISIT(h->ack);
+    Py_VISIT(h->slow_get);
+    return 0;
+}
+
+static int hot_clear(Hot *h)
+{
+    Py_CLEAR(h->table);
+    Py_CLEAR(h->slow_put);
+    Py_CLEAR(h->ack);
+    Py_CLEAR(h->slow_get);
+    return 0;
+}
+
+static void hot_dealloc(Hot *h)
+{
+    PyObject_GC_UnTrack(h);
+    hot_clear(h);
+    Py_TYPE(h)->tp_free((PyObject *)h);
+}
+
+static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *table = h->table;
+    if (nargs != 2 || !h->writable || h->busy || !h->put || !table ||
+        !PyDict_CheckExact(table) || !h->slow_put || !h->ack)
+        goto slow;
+    PyObject *key = args[0], *value = args[1];
+    if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(value))
+        goto slow;
+    Py_ssize_t klen = PyBytes_GET_SIZE(key), vlen = PyBytes_GET_SIZE(value);
+    if (klen == 0 || klen > MAX_KEY || vlen > MAX_VALUE)
+        goto slow;
+    uint64_t lsn = 0;
+    if (h->put(h->wal, PyBytes_AS_STRING(key), (size_t)klen, PyBytes_AS_STRING(value),
+               (size_t)vlen, &lsn) != 0)
+        goto slow;  /* would block, or an error the slow path reports */
+    if (PyDict_SetItem(table, key, value) < 0)
+        return NULL;  /* out of memory: the record is in the log; replay applies it */
+    h->last_lsn = lsn;
+    h->puts++;
+    h->wal_bytes += 28 + 2 + klen + vlen;  /* the record header: docs/FORMAT.md */
+    PyObject *res = PyLong_FromUnsignedLongLong(lsn);
+    if (res && (h->sync_always || h->wal_bytes - h->frozen_bytes > h->threshold)) {
+        PyObject *r = PyObject_CallOneArg(h->ack, res);
+        Py_DECREF(res);
+        return r;
+    }
+    return res;
+slow:
+    if (!h->slow_put) {
+        PyErr_SetString(PyExc_RuntimeError, "Hot: not initialised");
         return NULL;
     }
-    uint64_t lsn = 0;
-    int rc = ((put_fn)(uintptr_t)fn)((void *)(uintptr_t)wal, PyBytes_AS_STRING(key),
-                                     (size_t)PyBytes_GET_SIZE(key), PyBytes_AS_STRING(value),
-                                     (size_t)PyBytes_GET_SIZE(value), &lsn);
-    if (rc != 0)
-        return PyLong_FromLong(rc);
-    if (PyDict_SetItem(table, key, value) < 0)
+    return PyObject_Vectorcall(h->slow_put, args, (size_t)nargs, NULL);
+}
+
+static PyObject *hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *table = h->table;
+    if (nargs < 1 || nargs > 2 || !table || !PyDict_CheckExact(table) ||
+        !PyBytes_CheckExact(args[0]))
+        goto slow;
+    PyObject *v = PyDict_GetItemWithError(table, args[0]);  /* borrowed */
+    if (!v) {
+        if (PyErr_Occurred())
+            return NULL;
+        goto slow;
+    }
+    if (v == Py_None)  /* deleted since the last checkpoint */
+        v = nargs > 1 ? args[1] : Py_None;
+    Py_INCREF(v);
+    return v;
+slow:
+    if (!h->slow_get) {
+        PyErr_SetString(PyExc_RuntimeError, "Hot: not initialised");
         return NULL;
-    return PyLong_FromUnsignedLongLong(lsn);
+    }
+    return PyObject_Vectorcall(h->slow_get, args, (size_t)nargs, NULL);
+}
+
+/* set_wal(fn, wal): the log to append to (addresses from Wal.nowait_put_args), or
+ * set_wal(0, 0): none (every put takes the slow path). */
+static PyObject *hot_set_wal(Hot *h, PyObject *args)
+{
+    unsigned long long fn, wal;
+    if (!PyArg_ParseTuple(args, "KK", &fn, &wal))
+        return NULL;
+    if ((fn == 0) != (wal == 0)) {
+        PyErr_SetString(PyExc_ValueError, "set_wal: both addresses or neither");
+        return NULL;
+    }
+    h->put = (put_fn)(uintptr_t)fn;
+    h->wal = (void *)(uintptr_t)wal;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef hot_methods[] = {
+    {"put", (PyCFunction)(void (*)(void))hot_put, METH_FASTCALL,
+     "put(key, value) -> LSN: Engine.put (the general case in slow_put)"},
+    {"get", (PyCFunction)(void (*)(void))hot_get, METH_FASTCALL,
+     "get(key, default=None): Engine.get (the general case in slow_get)"},
+    {"set_wal", (PyCFunction)hot_set_wal, METH_VARARGS,
+     "set_wal(fn, wal): the addresses of wal_put_nowait and of the handle (0, 0: none)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef hot_members[] = {
+    {"table", T_OBJECT, offsetof(Hot, table), 0, "the in-memory table"},
+    {"writable", T_INT, offsetof(Hot, writable), 0, "0: every put takes the slow path"},
+    {"sync_always", T_INT, offsetof(Hot, sync_always), 0, "1: every put ends in ack()"},
+    {"busy", T_INT, offsetof(Hot, busy), 0, "> 0: puts take the slow path"},
+    {"last_lsn", T_ULONGLONG, offsetof(Hot, last_lsn), 0, "LSN of the last write"},
+    {"puts", T_LONGLONG, offsetof(Hot, puts), 0, "puts done in C"},
+    {"wal_bytes", T_LONGLONG, offsetof(Hot, wal_bytes), 0, "record bytes appended"},
+    {"frozen_bytes", T_LONGLONG, offsetof(Hot, frozen_bytes), 0, "wal_bytes at the last freeze"},
+    {"threshold", T_LONGLONG, offsetof(Hot, threshold), 0, "bytes since freeze that call ack()"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject HotType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "walstate._speedups.Hot",
+    .tp_basicsize = sizeof(Hot),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "Hot(slow_put, ack, slow_get): the engine's put and get in C",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)hot_init,
+    .tp_dealloc = (destructor)hot_dealloc,
+    .tp_traverse = (traverseproc)hot_traverse,
+    .tp_clear = (inquiry)hot_clear,
+    .tp_methods = hot_methods,
+    .tp_members = hot_members,
+};
+
+/* encode_batch(ops) -> the BATCH payload of a list of (key, value-or-None) pairs of
+ * bytes (docs/FORMAT.md, "Payloads"; the twin of walstate/codec.py encode_batch). */
+static PyObject *encode_batch(PyObject *self, PyObject *ops)
+{
+    (void)self;
+    if (!PyList_CheckExact(ops)) {
+        PyErr_SetString(PyExc_TypeError, "encode_batch: ops must be a list");
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(ops);
+    if ((size_t)n > 0xffffffffu) {
+        PyErr_SetString(PyExc_ValueError, "encode_batch: too many operations");
+        return NULL;
+    }
+    size_t total = 4;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        if (!PyTuple_CheckExact(op) || PyTuple_GET_SIZE(op) != 2 ||
+            !PyBytes_CheckExact(PyTuple_GET_ITEM(op, 0)) ||
+            !(PyTuple_GET_ITEM(op, 1) == Py_None || PyBytes_CheckExact(PyTuple_GET_ITEM(op, 1)))) {
+            PyErr_Format(PyExc_TypeError, "encode_batch: operation %zd is not (bytes, bytes "
+                         "or None)", i);
+            return NULL;
+        }
+        Py_ssize_t kl = PyBytes_GET_SIZE(PyTuple_GET_ITEM(op, 0));
+        PyObject *v = PyTuple_GET_ITEM(op, 1);
+        Py_ssize_t vl = v == Py_None ? 0 : PyBytes_GET_SIZE(v);
+        if (kl == 0 || kl > 0xffff || (unsigned long long)vl > 0xffffffffull) {
+            PyErr_Format(PyExc_ValueError, "encode_batch: operation %zd: key or value length "
+                         "out of range", i);
+            return NULL;
+        }
+        total += 7 + (size_t)kl + (size_t)vl;
+        if (total > (size_t)PY_SSIZE_T_MAX / 2) {
+            PyErr_SetString(PyExc_ValueError, "encode_batch: payload too large");
+            return NULL;
+        }
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+    if (!out)
+        return NULL;
+    uint8_t *p = (uint8_t *)PyBytes_AS_STRING(out);
+    uint32_t cnt = (uint32_t)n;
+    p[0] = (uint8_t)cnt, p[1] = (uint8_t)(cnt >> 8), p[2] = (uint8_t)(cnt >> 16);
+    p[3] = (uint8_t)(cnt >> 24);
+    p += 4;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *op = PyList_GET_ITEM(ops, i);
+        PyObject *k = PyTuple_GET_ITEM(op, 0), *v = PyTuple_GET_ITEM(op, 1);
+        size_t kl = (size_t)PyBytes_GET_SIZE(k);
+        size_t vl = v == Py_None ? 0 : (size_t)PyBytes_GET_SIZE(v);
+        p[0] = v == Py_None ? 2 : 1;  /* OP_DELETE, OP_PUT */
+        p[1] = (uint8_t)kl, p[2] = (uint8_t)(kl >> 8);
+        p[3] = (uint8_t)vl, p[4] = (uint8_t)(vl >> 8), p[5] = (uint8_t)(vl >> 16);
+        p[6] = (uint8_t)(vl >> 24);
+        memcpy(p + 7, PyBytes_AS_STRING(k), kl);
+        if (vl)
+            memcpy(p + 7 + kl, PyBytes_AS_STRING(v), vl);
+        p += 7 + kl + vl;
+    }
+    return out;
 }
 
 static PyMethodDef methods[] = {
-    {"put", put, METH_VARARGS,
-     "put(fn, wal, table, key, value) -> LSN once appended and stored, or the C code (<= 0)"},
+    {"encode_batch", encode_batch, METH_O,
+     "encode_batch(ops) -> the BATCH payload of a list of (key, value-or-None) pairs"},
     {"apply", apply, METH_VARARGS,
      "apply(table, data, offs, lens, types, start, n) -> index of the first record that "
      "is neither PUT nor DELETE"},
@@ -135,10 +376,21 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "walstate._speedups",
-                                    "The engine's put and recovery's inner loop, in C.", -1,
+                                    "The engine's hot path and recovery's inner loop, in C.", -1,
                                     methods, NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__speedups(void)
 {
-    return PyModule_Create(&module);
+    if (PyType_Ready(&HotType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&HotType);
+    if (PyModule_AddObject(m, "Hot", (PyObject *)&HotType) < 0) {
+        Py_DECREF(&HotType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -1,30 +1,106 @@
-"""walstate._speedups.put: the engine's put in C, falling back to the cffi path
-whenever the append would block (full buffer, new segment)."""
+"""walstate._speedups.Hot: the engine's put and get in C, handing over to the
+engine's Python paths for everything else (an append that would block, other
+key types, errors); encode_batch."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
+
 import walstate
-from walstate import _speedups
-from walstate._native import lib
+from walstate import _speedups, codec
 from walstate.wal import Wal, WalReader
 
 
-def test_nowait_put_appends_and_stores_or_says_would_block(tmp_path):
+class Calls:
+    """The slow paths and ack of a Hot, recording how they were called."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+
+    def slow_put(self, *args: object) -> int:
+        self.log.append(("put", *args))
+        return -1
+
+    def ack(self, lsn: int) -> int:
+        self.log.append(("ack", lsn))
+        return lsn
+
+    def slow_get(self, *args: object) -> object:
+        self.log.append(("get", *args))
+        return "cold"
+
+
+def test_hot_put_appends_and_stores_or_hands_over_to_the_slow_path(tmp_path):
     w = Wal(str(tmp_path), system_id=7, segment_size=8192, buffer_size=4096)
-    fn, h = w.nowait_put_args()
-    table: dict[bytes, bytes] = {}
-    lsn = _speedups.put(fn, h, table, b"a", b"x" * 3000)
-    assert lsn == 1 and table == {b"a": b"x" * 3000}
-    # the buffer cannot take another 3000 bytes: would block, nothing stored or appended
-    assert _speedups.put(fn, h, table, b"b", b"y" * 3000) == lib.WAL_EAGAIN
-    assert table == {b"a": b"x" * 3000} and w.stats()["next_lsn"] == 2
+    c = Calls()
+    hot = _speedups.Hot(c.slow_put, c.ack, c.slow_get)
+    # not writable yet, and no log: the slow path, with the same arguments
+    assert hot.put(b"a", b"x") == -1 and c.log == [("put", b"a", b"x")]
+    hot.set_wal(*w.nowait_put_args())
+    hot.writable = 1
+    c.log.clear()
+    assert hot.put(b"a", b"x" * 3000) == 1
+    assert hot.table == {b"a": b"x" * 3000} and c.log == []
+    assert hot.last_lsn == 1 and hot.puts == 1 and hot.wal_bytes == 28 + 2 + 1 + 3000
+    # the buffer cannot take another 3000 bytes: would block, so the slow path;
+    # nothing stored or appended here
+    assert hot.put(b"b", b"y" * 3000) == -1
+    assert c.log == [("put", b"b", b"y" * 3000)]
+    assert hot.table == {b"a": b"x" * 3000} and w.stats()["next_lsn"] == 2
     assert w.put(b"b", b"y" * 3000) == 2  # the blocking path flushes and goes on
-    assert _speedups.put(fn, h, table, b"", b"v") == lib.WAL_EINVAL
+    c.log.clear()
+    # everything out of the ordinary goes to the slow path, which raises there
+    for args in [(b"", b"v"), (b"k" * 512, b"v"), (bytearray(b"k"), b"v"), (b"k", "v"),
+                 (b"k",), (b"k", b"v", b"w")]:
+        assert hot.put(*args) == -1
+    assert [x[1:] for x in c.log] == [(b"", b"v"), (b"k" * 512, b"v"), (bytearray(b"k"), b"v"),
+                                      (b"k", "v"), (b"k",), (b"k", b"v", b"w")]
+    c.log.clear()
+    hot.busy = 1  # a Python thread is inside the engine's lock
+    assert hot.put(b"c", b"z") == -1 and c.log == [("put", b"c", b"z")]
+    hot.busy = 0
+    c.log.clear()
+    hot.sync_always = 1  # a durable put: appended here, then ack() waits
+    assert hot.put(b"c", b"z") == 3 and c.log == [("ack", 3)] and hot.table[b"c"] == b"z"
+    hot.sync_always = 0
+    hot.threshold = hot.wal_bytes - hot.frozen_bytes  # the next put passes it
+    c.log.clear()
+    assert hot.put(b"d", b"z") == 4 and c.log == [("ack", 4)]
+    hot.set_wal(0, 0)
     w.close()
     with WalReader(str(tmp_path), 7, 1) as r:
-        assert [x.lsn for x in r] == [1, 2]
+        assert [x.lsn for x in r] == [1, 2, 3, 4]
+
+
+def test_hot_get_serves_the_table_and_hands_over_the_rest():
+    c = Calls()
+    hot = _speedups.Hot(c.slow_put, c.ack, c.slow_get)
+    hot.table = {b"a": b"1", b"gone": None}
+    assert hot.get(b"a") == b"1" and hot.get(b"a", 5) == b"1"
+    assert hot.get(b"gone") is None and hot.get(b"gone", 5) == 5  # deleted since the checkpoint
+    assert c.log == []
+    assert hot.get(b"b", 7) == "cold" and hot.get(bytearray(b"a")) == "cold"
+    assert hot.get() == "cold" and hot.get(b"a", 1, 2) == "cold"
+    assert c.log == [("get", b"b", 7), ("get", bytearray(b"a")), ("get",), ("get", b"a", 1, 2)]
+    hot.table = object()  # not a dict (the engine is closed): the slow path raises
+    assert hot.get(b"a") == "cold"
+    assert hot.get([]) == "cold"  # unhashable: the slow path says what is wrong
+    with pytest.raises(ValueError):
+        hot.set_wal(1, 0)
+
+
+def test_encode_batch_matches_the_python_encoder():
+    ops = [(b"k1", b"v" * 300), (b"k2", None), (b"k" * 511, b""), (b"x", b"\x00" * 70000)]
+    assert _speedups.encode_batch(ops) == codec.encode_batch(ops)
+    assert _speedups.encode_batch([]) == codec.encode_batch([])
+    assert list(codec.decode(codec.BATCH, _speedups.encode_batch(ops))) == ops
+    for bad in [[(b"k", 1)], [(b"", b"v")], [("k", b"v")], [(b"k", b"v", b"w")], [b"k"]]:
+        with pytest.raises((TypeError, ValueError)):
+            _speedups.encode_batch(bad)
+    with pytest.raises(TypeError):
+        _speedups.encode_batch(tuple(ops))
 
 
 def test_engine_puts_through_both_paths_keep_commit_order(tmp_path):
@@ -38,6 +114,13 @@ def test_engine_puts_through_both_paths_keep_commit_order(tmp_path):
         got = lsns.setdefault(t, [])
         for i in range(300):
             got.append(db.put(b"k%d" % (i % 50), b"%d-%d-" % (t, i) + b"z" * (i % 700)))
+            if i % 7 == 0:  # the Python paths, interleaved with puts in C
+                got.append(db.delete(b"k%d" % ((i + t) % 50)))
+            if i % 11 == 0:
+                with db.batch() as b:
+                    b.put(b"k%d" % ((i + 3) % 50), b"batch-%d-%d" % (t, i))
+                    b.delete(b"k%d" % ((i + 5) % 50))
+                got.append(b.lsn)  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
     for t in threads:
@@ -45,7 +128,7 @@ def test_engine_puts_through_both_paths_keep_commit_order(tmp_path):
     for t in threads:
         t.join()
     every = sorted(x for v in lsns.values() for x in v)
-    assert len(set(every)) == 1200 and all(v == sorted(v) for v in lsns.values())
+    assert len(set(every)) == len(every) and all(v == sorted(v) for v in lsns.values())
     before = dict(db.items())
     db.sync()
     db._abandon()  # recovery replays the log: it must give the same table

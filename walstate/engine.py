@@ -5,13 +5,13 @@ since the last checkpoint; reads look there, then in the LMDB snapshot.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from functools import partial
 from typing import Any
 
 from . import _testing, codec
@@ -55,13 +55,33 @@ RECOVERY_CHECKPOINT_INLINE_KEYS = 50_000
 
 try:
     from . import _speedups
+    _encode_batch = _speedups.encode_batch
 except ImportError:  # pragma: no cover - a build without the speedups extension
     _speedups = None  # type: ignore[assignment]
+    _encode_batch = codec.encode_batch
 
 
-def _no_fast_put(table: dict, key: bytes, value: bytes) -> int:
-    """Stands in for walstate._speedups.put where that did not build: "would block"."""
-    return 0
+class _PyHot:
+    """Stands in for walstate._speedups.Hot where that did not build: the same
+    state, and put/get are the engine's general paths."""
+
+    def __init__(self, slow_put: Callable[[bytes, bytes], int], ack: Callable[[int], int],
+                 slow_get: Callable[..., Any]) -> None:
+        self.table: Any = {}
+        self.writable = self.sync_always = self.busy = 0
+        self.last_lsn = self.puts = self.wal_bytes = self.frozen_bytes = 0
+        self.threshold = (1 << 63) - 1
+        self.put = slow_put
+        self.get = slow_get
+
+    def set_wal(self, fn: int, wal: int) -> None:
+        pass
+
+
+def _hot_field(name: str, doc: str) -> Any:
+    """An Engine attribute kept in its hot-path object (a field of Hot)."""
+    return property(lambda self: getattr(self._hot, name),
+                    lambda self, v: setattr(self._hot, name, v), doc=doc)
 
 
 class _ClosedTable:
@@ -91,11 +111,20 @@ class Batch:
             raise ClosedError("this batch has already been committed or discarded")
         self._size += 7 + len(key) + (len(value) if value is not None else 0)
         if self._size > codec.MAX_RECORD:
+            self._size -= 7 + len(key) + (len(value) if value is not None else 0)
             raise ValueError(f"batch larger than the {codec.MAX_RECORD} byte record limit")
         self._ops.append((key, value))
 
     def put(self, key: bytes, value: bytes) -> None:
-        self._add(codec.as_key(key), codec.as_value(value))
+        if type(key) is not bytes or not 0 < len(key) <= codec.MAX_KEY:
+            key = codec.as_key(key)
+        if type(value) is not bytes or len(value) > codec.MAX_VALUE:
+            value = codec.as_value(value)
+        size = self._size + 7 + len(key) + len(value)
+        if size > codec.MAX_RECORD or self._done:  # the general case raises
+            return self._add(key, value)
+        self._size = size
+        self._ops.append((key, value))
 
     def delete(self, key: bytes) -> None:
         self._add(codec.as_key(key), None)
@@ -119,6 +148,15 @@ class Engine:
     under ``sync="always"`` it returns only once durable.
     """
 
+    # The state of the hot path lives in self._hot (walstate._speedups.Hot): its
+    # put and get serve the common case in C and call the methods below for the rest.
+    _active = _hot_field("table", "the in-memory table of changes since the last freeze")
+    _last_lsn = _hot_field("last_lsn", "LSN of the last write")
+    _wal_bytes = _hot_field("wal_bytes", "record bytes appended since open")
+    _frozen_bytes = _hot_field("frozen_bytes", "_wal_bytes when the last table was frozen")
+    _writable = _hot_field("writable", "open, writable and not failed")
+    _sync_always = _hot_field("sync_always", "every put waits for durability")
+
     def __init__(self, path: str | os.PathLike[str], config: Config,
                  clock: Callable[[], float] | None = None) -> None:
         self.path = os.path.abspath(os.fspath(path))
@@ -126,6 +164,13 @@ class Engine:
         self._layout = Layout(self.path)
         self._clock = clock or time.monotonic
         self._lock = threading.Lock()        # orders WAL appends with table updates
+        hot_args = (Engine.put.__get__(self), self._acknowledge, self._get_cold)
+        if _speedups is not None:
+            self._hot: Any = _speedups.Hot(*hot_args)
+            self.put = self._hot.put  # type: ignore[method-assign]
+            self.get = self._hot.get  # type: ignore[method-assign]
+        else:  # pragma: no cover - a build without the speedups extension
+            self._hot = _PyHot(*hot_args)
         self._close_mu = threading.Lock()
         self._closed = False
         self._failed: BaseException | None = None
@@ -135,18 +180,11 @@ class Engine:
         self._checkpointer: Checkpointer | None = None
         self._flusher: threading.Thread | None = None
         self._flusher_stop = threading.Event()
-        self._active: dict[bytes, bytes | None] = {}
         self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
-        self._last_lsn = 0
-        self._counts = {"puts": 0, "deletes": 0, "batches": 0}
-        # the hot path's view of the state, kept in step by _open/_fail/close
-        self._writable = False
+        self._counts = {"deletes": 0, "batches": 0}   # puts: self._hot.puts
         self._sync_always = config.sync == "always"
-        self._threshold = float(config.max_wal_size)
-        self._fast_put: Callable[[dict, bytes, bytes], int] = _no_fast_put
+        self._set_threshold(float(config.max_wal_size))
         self._stats_base: dict[str, Any] = {}
-        self._wal_bytes = 0          # record bytes appended since open
-        self._frozen_bytes = 0       # _wal_bytes when the last table was frozen
         try:
             self._open()
         except BaseException as exc:
@@ -212,8 +250,7 @@ class Engine:
             self._wal.sync(self._wal.append(codec.SESSION, b""))
             self._last_lsn = self._wal.stats()["next_lsn"] - 1
             self._wal_put = self._wal.put_serialized
-            if _speedups is not None:
-                self._fast_put = partial(_speedups.put, *self._wal.nowait_put_args())
+            self._hot.set_wal(*self._wal.nowait_put_args())
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
             clock=self._clock, last=last, last_lsn=snap_lsn)
@@ -221,7 +258,7 @@ class Engine:
         secs = rec.report["seconds"]
         if rec.report["bytes_replayed"] > 1 << 20 and secs > 0:
             self._checkpointer.replay_rate = rec.report["bytes_replayed"] / secs
-        self._threshold = self._compute_threshold()
+        self._set_threshold(self._compute_threshold())
         if ro:
             return
         # The checkpoint that ends recovery: before open returns when it is small;
@@ -312,31 +349,47 @@ class Engine:
             self._failed = exc
             log.error("engine %s failed: %s; writes refused until reopened", self.path, exc)
 
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The engine's write lock, for Python code that touches the WAL or the
+        table: raises the hot path's ``busy`` so that puts in C wait for it."""
+        with self._lock:
+            hot = self._hot
+            hot.busy += 1
+            try:
+                yield
+            finally:
+                hot.busy -= 1
+
+    def _set_threshold(self, threshold: float) -> None:
+        self._hot.threshold = int(min(threshold, (1 << 63) - 1))
+
     # ---- writes ------------------------------------------------------------
     def put(self, key: bytes, value: bytes) -> int:
-        """Appends a PUT and applies it; returns its LSN (durable per ``sync``)."""
+        """Appends a PUT and applies it; returns its LSN (durable per ``sync``).
+
+        (The common case runs in C: walstate._speedups.Hot.put, which calls this
+        for the rest -- other key types, errors, an append that must wait.)"""
         if not self._writable:
             self._check_write()
         if type(key) is not bytes or not 0 < len(key) <= 511:
             key = codec.as_key(key)
         if type(value) is not bytes or len(value) > codec.MAX_VALUE:
             value = codec.as_value(value)
+        hot = self._hot
         try:
-            with self._lock:
+            with self._locked():
                 if not self._writable:  # closed or failed while we waited for the lock
                     self._check_write()
-                # in C with the GIL held when the append need not wait, else via cffi
-                lsn = self._fast_put(self._active, key, value)
-                if lsn <= 0:
-                    lsn = self._wal_put(key, value)
-                    self._active[key] = value
-                self._last_lsn = lsn
-                self._counts["puts"] += 1
-                self._wal_bytes += REC_OVERHEAD + 2 + len(key) + len(value)
+                lsn = self._wal_put(key, value)
+                hot.table[key] = value
+                hot.last_lsn = lsn
+                hot.puts += 1
+                hot.wal_bytes += REC_OVERHEAD + 2 + len(key) + len(value)
         except EngineFailedError as exc:
             self._fail(exc)
             raise
-        if self._sync_always or self._wal_bytes - self._frozen_bytes > self._threshold:
+        if hot.sync_always or hot.wal_bytes - hot.frozen_bytes > hot.threshold:
             return self._acknowledge(lsn)
         return lsn
 
@@ -353,16 +406,14 @@ class Engine:
 
     def _commit_batch(self, ops: list[tuple[bytes, bytes | None]]) -> int:
         self._check_write()
-        return self._commit(codec.BATCH, codec.encode_batch(ops), ops, "batches")
+        return self._commit(codec.BATCH, _encode_batch(ops), ops, "batches")
 
     def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str) -> int:
         """Appends one record holding ``ops`` and applies them (the general put())."""
         try:
-            with self._lock:
+            with self._locked():
                 lsn = self._wal.append(rtype, payload)  # type: ignore[union-attr]
-                active = self._active
-                for k, v in ops:
-                    active[k] = v
+                self._active.update(ops)
                 self._last_lsn = lsn
                 self._counts[kind] += 1
                 self._wal_bytes += REC_OVERHEAD + len(payload)
@@ -380,7 +431,8 @@ class Engine:
             except EngineFailedError as exc:
                 self._fail(exc)
                 raise
-        if self._wal_bytes - self._frozen_bytes > self._threshold:
+        hot = self._hot
+        if hot.wal_bytes - hot.frozen_bytes > hot.threshold:
             ck = self._checkpointer
             ck.request("wal_size")  # type: ignore[union-attr]
             if self._wal_bytes - self._frozen_bytes > self.config.max_wal_size:
@@ -420,7 +472,10 @@ class Engine:
 
     # ---- reads -------------------------------------------------------------
     def get(self, key: bytes, default: Any = None) -> Any:
-        """The latest committed value of ``key``, or ``default``."""
+        """The latest committed value of ``key``, or ``default``.
+
+        (A key written since the last checkpoint is served in C by
+        walstate._speedups.Hot.get, which calls _get_cold for the rest.)"""
         # Fast path: a key written since the last checkpoint. (After close the table
         # is a _ClosedTable, whose get raises ClosedError.)
         try:
@@ -431,7 +486,7 @@ class Engine:
             return self._get_cold(key, default)
         return default if v is None else v
 
-    def _get_cold(self, key: Any, default: Any) -> Any:
+    def _get_cold(self, key: Any, default: Any = None) -> Any:
         if self._closed:
             raise ClosedError(f"walstate engine for {self.path} is closed")
         if type(key) is not bytes or not 0 < len(key) <= 511:
@@ -456,7 +511,7 @@ class Engine:
         self._check_open()
         start = None if start is None else codec.as_key(start)
         stop = None if stop is None else codec.as_key(stop)
-        with self._lock:
+        with self._locked():
             tables = (*reversed(self._frozen), self._active)
             if start is None and stop is None and len(tables) == 1:
                 view = dict(self._active)
@@ -501,7 +556,7 @@ class Engine:
 
     # ---- checkpoints (the Host protocol of checkpoint.py) -------------------
     def _freeze(self) -> tuple[int, dict[bytes, bytes | None]]:
-        with self._lock:
+        with self._locked():
             frozen = self._active
             self._active = {}
             self._frozen = (frozen, *self._frozen)
@@ -509,7 +564,7 @@ class Engine:
             return self._last_lsn, frozen
 
     def _unfreeze(self, folded: bool) -> None:
-        with self._lock:
+        with self._locked():
             oldest = self._frozen[-1]
             rest = self._frozen[:-1]
             if folded:
@@ -587,6 +642,7 @@ class Engine:
         st = self._wal.stats() if self._wal is not None else {}
         ck = self._checkpointer
         return {
+            "puts": self._hot.puts,
             **self._counts,
             "wal_records": st.get("appends", 0),
             "wal_bytes_written": st.get("bytes_appended", 0),
@@ -628,6 +684,7 @@ class Engine:
         """Releases every resource. ``crash`` (the _abandon test hook) drops the
         WAL's buffer instead of flushing it, as a dying process would."""
         self._writable = False
+        self._hot.set_wal(0, 0)
         self._closed = True
         self._active = _ClosedTable(self.path)  # type: ignore[assignment]
         if self._flusher is not None:
@@ -639,7 +696,7 @@ class Engine:
                 self._wal.abandon()
             else:
                 try:
-                    with self._lock:  # no put is inside the C log when its handle goes
+                    with self._locked():  # no put is inside the C log when its handle goes
                         self._wal.close()
                 except WalStateError:
                     pass
