@@ -132,6 +132,8 @@ typedef struct {
     PyObject *slow_put;    /* slow_put(key, value) -> LSN: the general put */
     PyObject *ack;         /* ack(lsn) -> LSN: waits per sync mode, asks for a checkpoint */
     PyObject *slow_get;    /* slow_get(key, default=None): the general get */
+    PyObject *frozen;      /* tables being checkpointed, newest first: a tuple of dicts */
+    PyObject *snap_get;    /* snap_get(key) -> value or None: the snapshot, or None */
     int writable;          /* 0: every put takes the slow path */
     int sync_always;       /* 1: every put ends in ack() */
     int busy;              /* > 0: a Python thread is inside the engine's lock */
@@ -170,6 +172,8 @@ static int hot_traverse(Hot *h, visitproc visit, void *arg)
     Py_VISIT(h->slow_put);
     Py_VISIT(h->ack);
     Py_VISIT(h->slow_get);
+    Py_VISIT(h->frozen);
+    Py_VISIT(h->snap_get);
     return 0;
 }
 
@@ -179,6 +183,8 @@ static int hot_clear(Hot *h)
     Py_CLEAR(h->slow_put);
     Py_CLEAR(h->ack);
     Py_CLEAR(h->slow_get);
+    Py_CLEAR(h->frozen);
+    Py_CLEAR(h->snap_get);
     return 0;
 }
 
@@ -231,14 +237,38 @@ static PyObject *hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs)
     if (nargs < 1 || nargs > 2 || !table || !PyDict_CheckExact(table) ||
         !PyBytes_CheckExact(args[0]))
         goto slow;
-    PyObject *v = PyDict_GetItemWithError(table, args[0]);  /* borrowed */
+    PyObject *key = args[0], *dflt = nargs > 1 ? args[1] : Py_None;
+    PyObject *v = PyDict_GetItemWithError(table, key);  /* borrowed */
     if (!v) {
         if (PyErr_Occurred())
             return NULL;
-        goto slow;
+        Py_ssize_t klen = PyBytes_GET_SIZE(key);
+        PyObject *frozen = h->frozen;
+        if (klen == 0 || klen > MAX_KEY || !frozen || !PyTuple_CheckExact(frozen) ||
+            !h->snap_get || h->snap_get == Py_None)
+            goto slow;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(frozen) && !v; i++) {
+            PyObject *t = PyTuple_GET_ITEM(frozen, i);
+            if (!PyDict_CheckExact(t))
+                goto slow;
+            v = PyDict_GetItemWithError(t, key);
+            if (!v && PyErr_Occurred())
+                return NULL;
+        }
+        if (!v) {  /* not changed since the last checkpoint: the snapshot */
+            PyObject *snap_get = h->snap_get;
+            Py_INCREF(snap_get);  /* the call may replace h->snap_get */
+            v = PyObject_CallOneArg(snap_get, key);
+            Py_DECREF(snap_get);
+            if (!v || v != Py_None)
+                return v;
+            Py_DECREF(v);
+            Py_INCREF(dflt);
+            return dflt;
+        }
     }
     if (v == Py_None)  /* deleted since the last checkpoint */
-        v = nargs > 1 ? args[1] : Py_None;
+        v = dflt;
     Py_INCREF(v);
     return v;
 slow:
@@ -285,6 +315,8 @@ static PyMemberDef hot_members[] = {
     {"wal_bytes", T_LONGLONG, offsetof(Hot, wal_bytes), 0, "record bytes appended"},
     {"frozen_bytes", T_LONGLONG, offsetof(Hot, frozen_bytes), 0, "wal_bytes at the last freeze"},
     {"threshold", T_LONGLONG, offsetof(Hot, threshold), 0, "bytes since freeze that call ack()"},
+    {"frozen", T_OBJECT, offsetof(Hot, frozen), 0, "the tables being checkpointed, newest first"},
+    {"snap_get", T_OBJECT, offsetof(Hot, snap_get), 0, "snap_get(key): the snapshot's get"},
     {NULL, 0, 0, 0, NULL},
 };
 

@@ -71,6 +71,8 @@ class _PyHot:
         self.writable = self.sync_always = self.busy = 0
         self.last_lsn = self.puts = self.wal_bytes = self.frozen_bytes = 0
         self.threshold = (1 << 63) - 1
+        self.frozen: Any = ()
+        self.snap_get: Any = None
         self.put = slow_put
         self.get = slow_get
 
@@ -156,6 +158,7 @@ class Engine:
     _frozen_bytes = _hot_field("frozen_bytes", "_wal_bytes when the last table was frozen")
     _writable = _hot_field("writable", "open, writable and not failed")
     _sync_always = _hot_field("sync_always", "every put waits for durability")
+    _frozen = _hot_field("frozen", "the tables being checkpointed, newest first")
 
     def __init__(self, path: str | os.PathLike[str], config: Config,
                  clock: Callable[[], float] | None = None) -> None:
@@ -227,6 +230,7 @@ class Engine:
             self._snapshot = Snapshot(lay.snapshot, map_size=cfg.map_size, read_only=ro,
                                       create=False)
         meta = self._snapshot.check_meta(self.system_id)
+        self._hot.snap_get = self._snapshot.get
         snap_lsn = int(meta["lsn"])
         if not os.path.isdir(lay.wal):
             raise CorruptionError(f"the WAL directory {lay.wal} is missing", path=lay.wal)
@@ -685,6 +689,7 @@ class Engine:
         WAL's buffer instead of flushing it, as a dying process would."""
         self._writable = False
         self._hot.set_wal(0, 0)
+        self._hot.snap_get = None
         self._closed = True
         self._active = _ClosedTable(self.path)  # type: ignore[assignment]
         if self._flusher is not None:

@@ -94,6 +94,20 @@ class _SharedEnv:
         self.resizing = False
         self.cv = threading.Condition()
         self.users: weakref.WeakSet[Snapshot] = weakref.WeakSet()
+        # One read transaction kept between gets (Snapshot.get), used by one
+        # thread at a time under rtxn_mu (py-lmdb opens with MDB_NOTLS, so a read
+        # transaction may move between threads when its use is serialised). It is
+        # dropped after every commit (so gets see it, and it pins no old pages),
+        # before the map changes and before the environment closes.
+        self.rtxn: lmdb.Transaction | None = None
+        self.rtxn_mu = threading.Lock()
+
+    def drop_rtxn(self) -> None:
+        """Ends the read transaction kept between gets (waits for a get using it)."""
+        with self.rtxn_mu:
+            txn, self.rtxn = self.rtxn, None
+            if txn is not None:
+                txn.abort()
 
     @contextmanager
     def quiesced(self, timeout_error: Callable[[], Exception]) -> Iterator[None]:
@@ -103,6 +117,7 @@ class _SharedEnv:
         with self.cv:
             self.resizing = True
         try:
+            self.drop_rtxn()  # and no new one while resizing (Snapshot.get)
             deadline = time.monotonic() + 10.0
             while self.readers:
                 if time.monotonic() > deadline:
@@ -261,10 +276,21 @@ class Snapshot:
         self._readers.discard(tok)
 
     def get(self, key: bytes) -> bytes | None:
+        """The value of ``key`` in the snapshot, or None."""
+        sh = self._sh
         if self._validate:
             return self._get_validated(key)
+        mu = sh.rtxn_mu
+        if mu.acquire(False):  # else another thread reads through it: a txn of our own
+            try:
+                txn = sh.rtxn
+                if txn is None and not sh.resizing:
+                    txn = sh.rtxn = sh.env.begin(db=sh.data)
+                if txn is not None:
+                    return txn.get(key)
+            finally:
+                mu.release()
         tok = object()
-        sh = self._sh
         readers = sh.readers
         readers.add(tok)
         try:
@@ -385,6 +411,7 @@ class Snapshot:
                                 cur.delete()
                     for mk, mv in meta.items():
                         txn.put(mk, encode_meta(mv), db=self.metadb)
+                self._sh.drop_rtxn()  # gets see this commit from now on
                 if durable:
                     self.env.sync(True)
                 return
@@ -420,4 +447,5 @@ class Snapshot:
             if sh.refs == 0:
                 if _shared.get(self._key) is sh:
                     del _shared[self._key]
+                sh.drop_rtxn()
                 sh.env.close()
