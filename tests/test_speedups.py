@@ -134,3 +134,21 @@ def test_engine_puts_through_both_paths_keep_commit_order(tmp_path):
     db._abandon()  # recovery replays the log: it must give the same table
     with walstate.open(path) as again:
         assert dict(again.items()) == before
+
+
+def test_sorted_items_orders_like_python_and_refuses_what_it_cannot_sort():
+    import random
+
+    rnd = random.Random(5)
+    table: dict[bytes, bytes | None] = {}
+    for _ in range(70000):  # more than one GIL hold (32768 items) in each phase
+        n = rnd.choice([1, 2, 7, 8, 9, 16, 40])
+        prefix = rnd.choice([b"", b"user:0000", b"\x00" * 8, b"\xff" * 9])
+        table[prefix + rnd.randbytes(n)] = rnd.choice([None, b"", b"v" * rnd.randrange(50)])
+    got = _speedups.sorted_items(table)
+    assert got == sorted(table.items(), key=lambda kv: kv[0])
+    assert _speedups.sorted_items({}) == []
+    with pytest.raises(TypeError):
+        _speedups.sorted_items({b"a": b"1", "b": b"2"})
+    with pytest.raises(TypeError):
+        _speedups.sorted_items([(b"a", b"1")])

@@ -26,7 +26,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "`pip install .` imports the unbuilt source tree; run plain `pytest`)"
     ) from exc
 
-__all__ = ["ffi", "lib", "raise_for", "strerror"]
+try:  # the engine's hot path in C (csrc/speedups.c); every user has a Python twin
+    from . import _speedups as speedups
+except ImportError:  # pragma: no cover - a build without the speedups extension
+    speedups = None  # type: ignore[assignment]
+
+__all__ = ["ffi", "lib", "raise_for", "speedups", "strerror"]
 
 # Codes whose meaning is "the data on disk is wrong".
 _MISMATCH = {lib.WAL_EMISMATCH, lib.WAL_EVERSION, lib.WAL_EGAP}

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import Any, Protocol
 
+from ._native import speedups as _speedups
 from .errors import DiskFullError, EngineFailedError, WalStateError
 from .layout import FORMAT_VERSION
 from .snapshot import META_CHECKPOINT, META_FOLD, Snapshot
@@ -50,7 +51,11 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
 
 
 def _sorted_lazily(table: dict[bytes, bytes | None]) -> Iterator[tuple[bytes, bytes | None]]:
-    """The items of ``table`` in key order: runs sorted separately, then merged."""
+    """The items of ``table`` in key order, without holding the GIL for long: in C
+    (the sort itself without the GIL) or, without the speedups extension, as runs
+    sorted separately, then merged."""
+    if _speedups is not None:
+        return iter(_speedups.sorted_items(table))
     it = iter(table.items())
     runs = []
     while run := list(islice(it, SORT_RUN)):

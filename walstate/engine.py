@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from . import _testing, codec
+from ._native import speedups as _speedups
 from .archive import Archiver
 from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
 from .config import Config
@@ -53,12 +54,7 @@ LSN_SKIP_AFTER_CRASH = 1 << 32
 RECOVERY_CHECKPOINT_INLINE_KEYS = 50_000
 
 
-try:
-    from . import _speedups
-    _encode_batch = _speedups.encode_batch
-except ImportError:  # pragma: no cover - a build without the speedups extension
-    _speedups = None  # type: ignore[assignment]
-    _encode_batch = codec.encode_batch
+_encode_batch = codec.encode_batch if _speedups is None else _speedups.encode_batch
 
 
 class _PyHot:

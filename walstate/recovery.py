@@ -27,6 +27,7 @@ from typing import Any
 
 from . import _testing, codec
 from ._native import ffi, lib
+from ._native import speedups as _speedups
 from .errors import CorruptionError, MismatchError
 from .wal import LogEnd, WalReader, cut
 
@@ -63,12 +64,7 @@ def _apply_c(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, 
         raise CorruptionError(f"WAL payload does not decode: {exc}") from None
 
 
-try:
-    from . import _speedups
-except ImportError:  # pragma: no cover - a build without the speedups extension
-    _apply = _apply_py
-else:
-    _apply = _apply_c
+_apply = _apply_py if _speedups is None else _apply_c
 
 
 @dataclass
