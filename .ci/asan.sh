@@ -11,7 +11,7 @@ set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
-TESTS=(tests/test_wal.py tests/test_wal_fuzz.py tests/test_crc32c.py)
+TESTS=(tests/test_wal.py tests/test_wal_fuzz.py tests/test_crc32c.py tests/test_speedups.py)
 
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/walstate-asan.XXXXXX")
 if [ "${KEEP:-0}" != 1 ]; then
@@ -48,6 +48,14 @@ grep -q ' U __asan_init' "$BUILD/symbols" || { echo "asan.sh: $SO lacks ASan" >&
 grep -q ' U __ubsan_' "$BUILD/symbols" || { echo "asan.sh: $SO lacks UBSan" >&2; exit 1; }
 cp "$SO" "$BUILD/pkg/walstate/"
 
+# 2b. walstate._speedups (the engine's hot path, which calls into the log by
+#     address), sanitized as well
+EXT=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+gcc -shared -fPIC -O1 -g -std=c11 -Wall -Wextra -Werror -fsanitize=address,undefined \
+    -fno-omit-frame-pointer -I"$INC" -I"$REPO/csrc" "$REPO/csrc/speedups.c" \
+    -o "$BUILD/pkg/walstate/_speedups$EXT"
+
 # 3. run the tests against it: PYTHONPATH puts the sanitized package first (the
 #    editable install's finder comes after sys.path); the cwd is not the repo, so
 #    the source tree's walstate/ (with its unsanitized .so) is not importable;
@@ -59,10 +67,11 @@ export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:${ASAN_OPTIONS:-}"
 export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:${UBSAN_OPTIONS:-}"
 cd "$BUILD"
 "$PY" -c '
-import sys, walstate._walc as m
-if not m.__file__.startswith(sys.argv[1]):
-    sys.exit(f"asan.sh: imported {m.__file__}, not the sanitized build")
-print("== testing", m.__file__)
+import sys, walstate._walc as m, walstate._speedups as s
+for mod in (m, s):
+    if not mod.__file__.startswith(sys.argv[1]):
+        sys.exit(f"asan.sh: imported {mod.__file__}, not the sanitized build")
+    print("== testing", mod.__file__)
 ' "$BUILD/pkg"
 ARGS=()
 for t in "${TESTS[@]}"; do ARGS+=("$REPO/$t"); done

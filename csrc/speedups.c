@@ -102,6 +102,7 @@ out:
 
 typedef int (*put_fn)(void *w, const void *key, size_t klen, const void *val, size_t vlen,
                       uint64_t *lsn_out);
+typedef int (*sync_fn)(void *w, uint64_t lsn, uint64_t *durable_out);
 
 /* Engine limits (walstate/codec.py); anything outside goes to the Python path,
  * which raises the error naming the limit. */
@@ -127,6 +128,7 @@ typedef int (*put_fn)(void *w, const void *key, size_t klen, const void *val, si
 typedef struct {
     PyObject_HEAD
     put_fn put;            /* wal_put_nowait, or NULL: no log (read-only) */
+    sync_fn sync;          /* wal_sync, or NULL */
     void *wal;             /* its handle */
     PyObject *table;       /* the in-memory table: a dict (else: the slow path) */
     PyObject *slow_put;    /* slow_put(key, value) -> LSN: the general put */
@@ -137,6 +139,9 @@ typedef struct {
     int writable;          /* 0: every put takes the slow path */
     int sync_always;       /* 1: every put ends in ack() */
     int busy;              /* > 0: a Python thread is inside the engine's lock */
+    int in_sync;           /* threads inside sync() here, without the GIL: the log
+                            * handle may be closed only once this is 0 (after
+                            * set_wal(0, 0) stopped new ones) */
     unsigned long long last_lsn;
     long long puts;        /* puts done here */
     long long wal_bytes;   /* record bytes appended since open */
@@ -216,6 +221,22 @@ static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs)
     h->last_lsn = lsn;
     h->puts++;
     h->wal_bytes += 28 + 2 + klen + vlen;  /* the record header: docs/FORMAT.md */
+    if (h->sync_always && h->sync && h->wal_bytes - h->frozen_bytes <= h->threshold) {
+        /* a durable put: wait for the fdatasync here, without the GIL (the
+         * engine closes the handle only after set_wal(0, 0) and once in_sync is
+         * back to 0) */
+        void *wal = h->wal;
+        sync_fn sync = h->sync;
+        int rc;
+        h->in_sync++;
+        Py_BEGIN_ALLOW_THREADS
+        rc = sync(wal, lsn, NULL);
+        Py_END_ALLOW_THREADS
+        h->in_sync--;
+        if (rc == 0)
+            return PyLong_FromUnsignedLongLong(lsn);
+        /* a failed sync: ack() syncs again and raises what the log says */
+    }
     PyObject *res = PyLong_FromUnsignedLongLong(lsn);
     if (res && (h->sync_always || h->wal_bytes - h->frozen_bytes > h->threshold)) {
         PyObject *r = PyObject_CallOneArg(h->ack, res);
@@ -279,19 +300,21 @@ slow:
     return PyObject_Vectorcall(h->slow_get, args, (size_t)nargs, NULL);
 }
 
-/* set_wal(fn, wal): the log to append to (addresses from Wal.nowait_put_args), or
+/* set_wal(put, wal, sync=0): the log to append to (the addresses of
+ * wal_put_nowait, of the handle and of wal_sync, from Wal.hot_args), or
  * set_wal(0, 0): none (every put takes the slow path). */
 static PyObject *hot_set_wal(Hot *h, PyObject *args)
 {
-    unsigned long long fn, wal;
-    if (!PyArg_ParseTuple(args, "KK", &fn, &wal))
+    unsigned long long fn, wal, sync = 0;
+    if (!PyArg_ParseTuple(args, "KK|K", &fn, &wal, &sync))
         return NULL;
-    if ((fn == 0) != (wal == 0)) {
-        PyErr_SetString(PyExc_ValueError, "set_wal: both addresses or neither");
+    if ((fn == 0) != (wal == 0) || (sync && !wal)) {
+        PyErr_SetString(PyExc_ValueError, "set_wal: a handle with its functions, or none");
         return NULL;
     }
     h->put = (put_fn)(uintptr_t)fn;
     h->wal = (void *)(uintptr_t)wal;
+    h->sync = (sync_fn)(uintptr_t)sync;
     Py_RETURN_NONE;
 }
 
@@ -301,7 +324,8 @@ static PyMethodDef hot_methods[] = {
     {"get", (PyCFunction)(void (*)(void))hot_get, METH_FASTCALL,
      "get(key, default=None): Engine.get (the general case in slow_get)"},
     {"set_wal", (PyCFunction)hot_set_wal, METH_VARARGS,
-     "set_wal(fn, wal): the addresses of wal_put_nowait and of the handle (0, 0: none)"},
+     "set_wal(put, wal, sync=0): the addresses of wal_put_nowait, the handle and wal_sync "
+     "(0, 0: none)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -310,6 +334,7 @@ static PyMemberDef hot_members[] = {
     {"writable", T_INT, offsetof(Hot, writable), 0, "0: every put takes the slow path"},
     {"sync_always", T_INT, offsetof(Hot, sync_always), 0, "1: every put ends in ack()"},
     {"busy", T_INT, offsetof(Hot, busy), 0, "> 0: puts take the slow path"},
+    {"in_sync", T_INT, offsetof(Hot, in_sync), READONLY, "threads syncing the log here"},
     {"last_lsn", T_ULONGLONG, offsetof(Hot, last_lsn), 0, "LSN of the last write"},
     {"puts", T_LONGLONG, offsetof(Hot, puts), 0, "puts done in C"},
     {"wal_bytes", T_LONGLONG, offsetof(Hot, wal_bytes), 0, "record bytes appended"},

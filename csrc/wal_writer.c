@@ -43,6 +43,12 @@ struct wal {
     int write_busy;      /* one thread writes the buffer at a time, mutex released */
     int syncs_in_flight; /* fdatasyncs running with the mutex released */
     uint64_t sync_cover; /* highest target of any fdatasync started */
+    int sync_waiters;    /* threads inside wal_sync */
+    int delaying;        /* a leader waits for its group (group_delay) */
+    pthread_cond_t arrive_cv; /* CLOCK_MONOTONIC; signalled when a thread enters wal_sync */
+    int group_ring[4];   /* sync_waiters when each of the last 4 fdatasyncs started */
+    unsigned group_pos;
+    uint64_t fsync_ewma_ns; /* recent fdatasync time (moving average) */
     int poisoned;
     uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
     uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
@@ -65,6 +71,7 @@ static void note_fsync(wal_t *w, uint64_t ns)
         b++;
     }
     w->fsync_hist[b]++;
+    w->fsync_ewma_ns = w->fsync_ewma_ns ? (w->fsync_ewma_ns * 7 + ns) / 8 : ns;
     w->fsync_ns_total += ns;
     if (ns > w->fsync_ns_max)
         w->fsync_ns_max = ns;
@@ -125,10 +132,43 @@ static int write_locked(wal_t *w)
     return rc;
 }
 
+/* Requires mu (released while waiting). Group commit's commit delay (as
+ * PostgreSQL's commit_delay, but adaptive): when recent fdatasyncs started with
+ * more threads waiting on them than wait now, the thread about to start one
+ * waits a little -- until as many have come, or half the recent fdatasync time
+ * (at most 1 ms) -- so that one fdatasync covers them all instead of every
+ * other one covering a single thread. A lone writer never waits. Returns 1 if
+ * it waited. */
+static int group_delay(wal_t *w)
+{
+    int want = 0;
+    for (size_t i = 0; i < sizeof w->group_ring / sizeof w->group_ring[0]; i++)
+        if (w->group_ring[i] > want)
+            want = w->group_ring[i];
+    if (w->sync_waiters >= want || w->fsync_ewma_ns == 0)
+        return 0;
+    uint64_t wait = w->fsync_ewma_ns / 2;
+    if (wait > 1000000)
+        wait = 1000000;
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    uint64_t ns = (uint64_t)dl.tv_nsec + wait;
+    dl.tv_sec += (time_t)(ns / 1000000000ull);
+    dl.tv_nsec = (long)(ns % 1000000000ull);
+    w->delaying = 1;
+    while (w->sync_waiters < want && !w->poisoned)
+        if (pthread_cond_timedwait(&w->arrive_cv, &w->mu, &dl) == ETIMEDOUT)
+            break;
+    w->delaying = 0;
+    pthread_cond_broadcast(&w->cv);  /* those who waited for the delay */
+    return 1;
+}
+
 /* Requires mu (released while waiting and during fdatasync). Returns once
  * `lsn` is durable (0), or the error that poisoned the log. */
 static int sync_locked(wal_t *w, uint64_t lsn)
 {
+    int delayed = 0;
     for (;;) {
         if (w->durable_lsn >= lsn)
             return 0;
@@ -150,12 +190,26 @@ static int sync_locked(wal_t *w, uint64_t lsn)
                 return rc;
             continue;
         }
-        if (w->syncs_in_flight >= MAX_SYNCS_IN_FLIGHT) {
+        if (w->syncs_in_flight >= MAX_SYNCS_IN_FLIGHT || w->delaying) {
             pthread_cond_wait(&w->cv, &w->mu);
             continue;
         }
+        if (!delayed) {
+            delayed = 1;
+            if (group_delay(w)) {
+                /* the group's records into the file, then look again */
+                if (w->buf_len && !w->write_busy) {
+                    int rc = write_locked(w);
+                    if (rc)
+                        return rc;
+                }
+                continue;
+            }
+        }
         uint64_t target = w->written_lsn, seg = w->hdr.first_lsn, end = w->file_off;
         int fd = w->fd;
+        w->group_ring[w->group_pos++ % (sizeof w->group_ring / sizeof w->group_ring[0])] =
+            w->sync_waiters;
         w->syncs_in_flight++;
         w->sync_cover = target;
         pthread_mutex_unlock(&w->mu);
@@ -371,7 +425,11 @@ int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
     pthread_mutex_lock(&w->mu);
     if (lsn == 0 || lsn >= w->next_lsn)
         lsn = w->next_lsn - 1;
+    w->sync_waiters++;
+    if (w->delaying)
+        pthread_cond_signal(&w->arrive_cv);
     rc = sync_locked(w, lsn);
+    w->sync_waiters--;
     if (durable_out)
         *durable_out = w->durable_lsn;
     pthread_mutex_unlock(&w->mu);
@@ -605,6 +663,11 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     w->written_lsn = w->durable_lsn = w->next_lsn - 1;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&w->arrive_cv, &ca);
+    pthread_condattr_destroy(&ca);
     *out = w;
     return 0;
 }
@@ -615,6 +678,7 @@ int wal_close(wal_t *w)
         return 0;
     pthread_mutex_lock(&w->mu);
     int rc = w->poisoned ? WAL_EPOISONED : 0;
+    w->sync_waiters++;
     if (rc == 0)
         rc = sync_locked(w, w->next_lsn - 1);
     quiesce_locked(w);
@@ -623,6 +687,7 @@ int wal_close(wal_t *w)
         close(w->fd);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
+    pthread_cond_destroy(&w->arrive_cv);
     free(w->buf);
     free(w->spare);
     free(w);

@@ -5,6 +5,7 @@ key types, errors); encode_batch."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -38,7 +39,8 @@ def test_hot_put_appends_and_stores_or_hands_over_to_the_slow_path(tmp_path):
     hot = _speedups.Hot(c.slow_put, c.ack, c.slow_get)
     # not writable yet, and no log: the slow path, with the same arguments
     assert hot.put(b"a", b"x") == -1 and c.log == [("put", b"a", b"x")]
-    hot.set_wal(*w.nowait_put_args())
+    put, h, sync = w.hot_args()
+    hot.set_wal(put, h, sync)
     hot.writable = 1
     c.log.clear()
     assert hot.put(b"a", b"x" * 3000) == 1
@@ -62,16 +64,23 @@ def test_hot_put_appends_and_stores_or_hands_over_to_the_slow_path(tmp_path):
     assert hot.put(b"c", b"z") == -1 and c.log == [("put", b"c", b"z")]
     hot.busy = 0
     c.log.clear()
-    hot.sync_always = 1  # a durable put: appended here, then ack() waits
-    assert hot.put(b"c", b"z") == 3 and c.log == [("ack", 3)] and hot.table[b"c"] == b"z"
+    hot.sync_always = 1  # a durable put: appended and fdatasynced here, no ack()
+    assert hot.put(b"c", b"z") == 3 and c.log == [] and hot.table[b"c"] == b"z"
+    assert w.stats()["durable_lsn"] == 3 and hot.in_sync == 0
+    hot.set_wal(put, h, 0)  # without wal_sync: ack() waits instead
+    assert hot.put(b"c", b"y") == 4 and c.log == [("ack", 4)]
+    hot.set_wal(put, h, sync)
     hot.sync_always = 0
     hot.threshold = hot.wal_bytes - hot.frozen_bytes  # the next put passes it
     c.log.clear()
-    assert hot.put(b"d", b"z") == 4 and c.log == [("ack", 4)]
+    assert hot.put(b"d", b"z") == 5 and c.log == [("ack", 5)]
     hot.set_wal(0, 0)
+    assert hot.put(b"e", b"z") == -1  # no log: the slow path
+    with pytest.raises(ValueError):
+        hot.set_wal(0, 0, sync)
     w.close()
     with WalReader(str(tmp_path), 7, 1) as r:
-        assert [x.lsn for x in r] == [1, 2, 3, 4]
+        assert [x.lsn for x in r] == [1, 2, 3, 4, 5]
 
 
 def test_hot_get_serves_the_table_and_hands_over_the_rest():
@@ -152,3 +161,40 @@ def test_sorted_items_orders_like_python_and_refuses_what_it_cannot_sort():
         _speedups.sorted_items({b"a": b"1", "b": b"2"})
     with pytest.raises(TypeError):
         _speedups.sorted_items([(b"a", b"1")])
+
+
+def test_close_while_durable_puts_wait_for_fdatasync_in_c(tmp_path):
+    """Durable puts wait for their fdatasync in C without the GIL; a close from
+    another thread must wait for them before the log's handle goes (no crash),
+    and every put that returned is there after a reopen."""
+    path = str(tmp_path / "db")
+    db = walstate.open(path, sync="always")
+    acked: dict[int, int] = {}
+    errors: list[BaseException] = []
+    started = threading.Barrier(5)
+
+    def writer(t: int) -> None:
+        started.wait()
+        try:
+            for i in range(1_000_000):
+                db.put(b"t%d-%07d" % (t, i), b"v" * 100)
+                acked[t] = i
+        except walstate.ClosedError:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    while len(acked) < 4 or min(acked.values()) < 20:
+        time.sleep(0.005)
+    db.close()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    with walstate.open(path) as again:
+        for t, last in acked.items():
+            assert again.get(b"t%d-%07d" % (t, last)) == b"v" * 100
+            assert again.get(b"t%d-%07d" % (t, 0)) == b"v" * 100

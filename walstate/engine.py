@@ -250,7 +250,7 @@ class Engine:
             self._wal.sync(self._wal.append(codec.SESSION, b""))
             self._last_lsn = self._wal.stats()["next_lsn"] - 1
             self._wal_put = self._wal.put_serialized
-            self._hot.set_wal(*self._wal.nowait_put_args())
+            self._hot.set_wal(*self._wal.hot_args())
         self._checkpointer = Checkpointer(
             self, self._wal, self._snapshot, system_id=self.system_id, config=cfg,  # type: ignore[arg-type]
             clock=self._clock, last=last, last_lsn=snap_lsn)
@@ -692,6 +692,8 @@ class Engine:
             self._flusher_stop.set()
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        while self._hot.in_sync:  # puts waiting in C for an fdatasync of this handle
+            time.sleep(0.0002)
         if self._wal is not None:
             if crash:
                 self._wal.abandon()

@@ -7,7 +7,9 @@ blocking C call releases the GIL (cffi API mode).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +65,10 @@ class Wal:
         rc = lib.wal_open(os.fsencode(wal_dir), opt, out)
         raise_for(rc, "opening the write-ahead log", wal_dir)
         self._h = out[0]
+        # calls that run without the GIL outside the engine's lock (sync, flush,
+        # stats...) count themselves here; close() waits for them to leave
+        self._users = 0
+        self._users_cv = threading.Condition(threading.Lock())
         self._lsn = ffi.new("uint64_t *")
         self._put = lib.wal_put
         self._append = lib.wal_append
@@ -94,13 +100,14 @@ class Wal:
             self._fail(rc, "appending to the write-ahead log")
         return self._lsn[0]
 
-    def nowait_put_args(self) -> tuple[int, int]:
-        """(address of wal_put_nowait, address of this handle): the first two
-        arguments of walstate._speedups.put. Valid until close()."""
+    def hot_args(self) -> tuple[int, int, int]:
+        """(addresses of wal_put_nowait, of this handle, of wal_sync): the arguments
+        of walstate._speedups.Hot.set_wal. Valid until close()."""
         if self._h is None:
             raise ClosedError("the write-ahead log is closed")
-        fn = ffi.addressof(lib, "wal_put_nowait")
-        return int(ffi.cast("uintptr_t", fn)), int(ffi.cast("uintptr_t", self._h))
+        put = int(ffi.cast("uintptr_t", ffi.addressof(lib, "wal_put_nowait")))
+        sync = int(ffi.cast("uintptr_t", ffi.addressof(lib, "wal_sync")))
+        return put, int(ffi.cast("uintptr_t", self._h)), sync
 
     def append(self, rtype: int, payload: bytes) -> int:
         """Buffers a record of type ``rtype``; returns its LSN."""
@@ -113,41 +120,52 @@ class Wal:
             self._fail(rc, "appending to the write-ahead log")
         return out[0]
 
+    @contextmanager
+    def _use(self) -> Iterator[Any]:
+        """The handle, kept open (close() waits) until the block ends."""
+        with self._users_cv:
+            h = self._h
+            if h is None:
+                raise ClosedError("the write-ahead log is closed")
+            self._users += 1
+        try:
+            yield h
+        finally:
+            with self._users_cv:
+                self._users -= 1
+                if not self._users:
+                    self._users_cv.notify_all()
+
     def sync(self, lsn: int = 0) -> int:
         """Waits until ``lsn`` (0: everything appended) is durable; returns the durable LSN."""
-        h = self._h
-        if h is None:
-            raise ClosedError("the write-ahead log is closed")
         out = ffi.new("uint64_t *")
-        rc = lib.wal_sync(h, lsn, out)
+        with self._use() as h:
+            rc = lib.wal_sync(h, lsn, out)
         if rc:
             self._fail(rc, "syncing the write-ahead log")
         return out[0]
 
     def flush(self) -> None:
         """Hands buffered records to the OS without fdatasync."""
-        if self._h is None:
-            raise ClosedError("the write-ahead log is closed")
-        rc = lib.wal_flush(self._h)
+        with self._use() as h:
+            rc = lib.wal_flush(h)
         if rc:
             self._fail(rc, "writing the write-ahead log")
 
     def remove_below(self, lsn: int) -> tuple[int, int]:
         """Removes segments holding only LSNs <= lsn; returns (bytes, segments) removed."""
-        if self._h is None:
-            raise ClosedError("the write-ahead log is closed")
         nbytes = ffi.new("uint64_t *")
         nsegs = ffi.new("uint64_t *")
-        rc = lib.wal_remove_below(self._h, lsn, nbytes, nsegs)
+        with self._use() as h:
+            rc = lib.wal_remove_below(h, lsn, nbytes, nsegs)
         raise_for(rc, "removing old WAL segments", self.dir)
         return nbytes[0], nsegs[0]
 
     def stats(self) -> dict[str, int | list[int]]:
         """Counters of the C log (see wal_stats_t)."""
-        if self._h is None:
-            raise ClosedError("the write-ahead log is closed")
         st = ffi.new("wal_stats_t *")
-        lib.wal_get_stats(self._h, st)
+        with self._use() as h:
+            lib.wal_get_stats(h, st)
         out: dict[str, int | list[int]] = {
             name: getattr(st, name) for name in (
                 "next_lsn", "written_lsn", "durable_lsn", "appends", "bytes_appended",
@@ -158,17 +176,20 @@ class Wal:
         return out
 
     def poisoned(self) -> bool:
-        if self._h is None:
+        try:
+            return self.stats()["poisoned"] != 0
+        except ClosedError:
             return False
-        st = ffi.new("wal_stats_t *")
-        lib.wal_get_stats(self._h, st)
-        return st.poisoned != 0
 
     def close(self) -> None:
-        """Flushes, fdatasyncs and releases the log; idempotent."""
-        h, self._h = self._h, None
-        if h is None:
-            return
+        """Flushes, fdatasyncs and releases the log, once the calls in progress are
+        done; idempotent."""
+        with self._users_cv:
+            h, self._h = self._h, None
+            if h is None:
+                return
+            while self._users:
+                self._users_cv.wait()
         rc = lib.wal_close(h)
         raise_for(rc, "closing the write-ahead log", self.dir, poisoned=rc != 0)
 
