@@ -11,7 +11,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["crc32c.c", "wal_hooks.c", "wal_segment.c", "wal_reader.c", "wal_writer.c",
-           "wal_repair.c"]
+           "wal_repair.c", "wal_endhint.c"]
 
 CDEF = """
 #define WAL_ECORRUPT ...
@@ -27,6 +27,10 @@ CDEF = """
 #define WAL_END_CLEAN ...
 #define WAL_END_TORN ...
 #define WAL_END_ERROR ...
+#define WAL_HINT_NONE ...
+#define WAL_HINT_USED ...
+#define WAL_HINT_IGNORED ...
+#define WAL_READ_END_HINT ...
 #define WAL_OP_WRITE ...
 #define WAL_OP_FDATASYNC ...
 #define WAL_OP_FALLOCATE ...
@@ -55,7 +59,7 @@ typedef struct {
     uint64_t bytes_appended; uint64_t fsyncs; uint64_t writes; uint64_t segments_created;
     uint64_t seg_first_lsn; uint64_t seg_end; uint64_t seg_synced;
     uint64_t fsync_ns_total; uint64_t fsync_ns_max; uint64_t fsync_hist[32];
-    int poisoned;
+    uint64_t open_bytes_read; int poisoned; int end_hint;
 } wal_stats_t;
 typedef struct {
     uint64_t lsn; uint64_t synced_lsn; uint64_t seg_first_lsn; uint64_t offset;
@@ -64,7 +68,7 @@ typedef struct {
 typedef struct {
     int status; int rc; uint64_t last_lsn; uint64_t expected_lsn; uint64_t seg_first_lsn;
     uint64_t offset; uint64_t cut_bytes; uint64_t later_segments; uint64_t found_system_id;
-    uint64_t segments; uint64_t bytes; char path[4096];
+    uint64_t segments; uint64_t bytes; uint64_t bytes_read; int end_hint; char path[4096];
 } wal_end_t;
 
 int wal_open(const char *dir, const wal_options_t *opt, wal_t **out);
@@ -80,6 +84,8 @@ int wal_flush(wal_t *w);
 int wal_remove_below(wal_t *w, uint64_t lsn, uint64_t *bytes_removed, uint64_t *segs_removed);
 void wal_get_stats(wal_t *w, wal_stats_t *st);
 int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out);
+int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn, unsigned flags,
+                          wal_reader_t **out);
 int wal_reader_next(wal_reader_t *r, wal_record_t *rec);
 int wal_reader_batch(wal_reader_t *r, size_t max, uint64_t *lsn, uint8_t *type, uint64_t *off,
                      uint64_t *len, const uint8_t **base);

@@ -52,16 +52,27 @@ typedef struct {
     uint64_t fsync_ns_total;
     uint64_t fsync_ns_max;
     uint64_t fsync_hist[WAL_FSYNC_BUCKETS];
+    uint64_t open_bytes_read; /* segment bytes wal_open read to find the end */
     int poisoned;            /* 0, or the error that poisoned the log */
+    int end_hint;            /* WAL_HINT_*: how wal_open used wal/END */
 } wal_stats_t;
 
+/* wal/END, the end hint a clean wal_close leaves (docs/FORMAT.md): */
+#define WAL_HINT_NONE 0    /* no END (or not asked to use it) */
+#define WAL_HINT_USED 1    /* END matched the log: the end was found without a scan */
+#define WAL_HINT_IGNORED 2 /* END was garbage or did not match: full scan */
+
 /* Opens (creating if needed) the log in directory `dir` (which must exist).
- * Removes *.tmp leftovers; the last segment must end cleanly (else WAL_ETORN).
+ * Removes *.tmp leftovers and, durably, wal/END (using it first, if it
+ * matches the newest segment, to find the end without reading the segment);
+ * the last segment must end cleanly (else WAL_ETORN).
  * On success *out owns the handle; free it with wal_close. */
 int wal_open(const char *dir, const wal_options_t *opt, wal_t **out);
 
-/* Writes and fdatasyncs what is buffered (unless poisoned), then frees `w`
- * in every case. Returns the flush result. */
+/* Writes and fdatasyncs what is buffered (unless poisoned); if that worked,
+ * publishes wal/END (where the log ends); then frees `w` in every case.
+ * Returns the flush result (a failure to write END is not an error: the next
+ * open scans instead). */
 int wal_close(wal_t *w);
 
 /* Appends one record whose payload is a||b; *lsn_out gets its LSN.
@@ -122,6 +133,8 @@ typedef struct {
     uint64_t found_system_id; /* WAL_EMISMATCH: the segment's system_id */
     uint64_t segments;      /* segments read */
     uint64_t bytes;         /* record bytes read */
+    uint64_t bytes_read;    /* segment file bytes read from disk */
+    int end_hint;           /* WAL_HINT_*: WAL_READ_END_HINT only */
     char path[4096];        /* file where reading stopped ("" if none) */
 } wal_end_t;
 
@@ -129,6 +142,17 @@ typedef struct {
  * LSN < from_lsn are validated but not returned; reading starts at the last
  * segment whose first LSN <= from_lsn (WAL_EGAP in the end info if none). */
 int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out);
+
+/* Flags of wal_reader_open_flags. */
+#define WAL_READ_END_HINT 1u /* use wal/END when it matches: the newest segment is
+                                read only from the latest record known at or below
+                                from_lsn up to the hinted end (records before it
+                                are then not validated) and the end is taken as
+                                clean without reading the zero tail */
+
+/* wal_reader_open with flags (WAL_READ_*). Never changes a file. */
+int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn, unsigned flags,
+                          wal_reader_t **out);
 
 /* 1: *rec is the next record; 0: the log ended (see wal_reader_end); <0: error. */
 int wal_reader_next(wal_reader_t *r, wal_record_t *rec);
@@ -145,7 +169,8 @@ void wal_reader_end(wal_reader_t *r, wal_end_t *end);
 
 void wal_reader_close(wal_reader_t *r);
 
-/* Cuts the log at (segment seg_first_lsn, offset): the bytes from offset up to
+/* Cuts the log at (segment seg_first_lsn, offset): wal/END is removed (durably)
+ * first; the bytes from offset up to
  * the last non-zero byte are copied into "<segment>.<offset>.broken" (fsynced),
  * every later segment is renamed to "<name>.broken", the directory fsynced;
  * then the cut bytes are zeroed in place (the space stays allocated) and the

@@ -30,6 +30,14 @@
 #define WAL_SEG_NAME_LEN 20 /* 16 hex digits of first_lsn + ".seg" */
 #define WAL_LAST_NAME "LAST"  /* 16 hex digits + newline: newest segment's first LSN */
 
+/* wal/END, the end hint of a clean close (layout in wal_endhint.c, docs/FORMAT.md) */
+#define WAL_END_NAME "END"
+#define WAL_END_MAGIC "WALSTEND"
+#define WAL_END_VERSION 1u
+#define WAL_END_HDR_SIZE 64u
+#define WAL_END_MARKS 64u          /* known record positions kept per segment */
+#define WAL_END_TAIL_CHECK 8192u   /* zero bytes checked after the hinted end */
+
 /* Record types. Payload encodings are in docs/FORMAT.md ("Payloads"). */
 #define WAL_TYPE_PUT 1u
 #define WAL_TYPE_DELETE 2u

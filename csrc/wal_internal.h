@@ -80,6 +80,36 @@ int last_remove(const char *dir);
  * less than the file size (*size_out, if not NULL); the bytes after are zeros. */
 int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out);
 
+/* ---- wal_endhint.c: wal/END, where a cleanly closed log ends ---- */
+typedef struct {
+    uint64_t system_id;
+    uint64_t seg_first_lsn; /* the segment the log ends in (the newest) */
+    uint32_t salt;          /* its header crc: binds the hint to that file */
+    uint32_t nmarks;
+    uint64_t end;           /* byte offset where the log ends */
+    uint64_t last_lsn;      /* LSN of the record ending there */
+    uint64_t last_off;      /* offset of that record's header */
+    uint64_t mark_lsn[WAL_END_MARKS], mark_off[WAL_END_MARKS]; /* other known records */
+} end_hint_t;
+
+/* WAL_HINT_USED: *h parsed and is plausible; WAL_HINT_NONE: no END;
+ * WAL_HINT_IGNORED: END exists but is unreadable or garbage. Never fails. */
+int endhint_read(const char *dir, end_hint_t *h);
+/* Publishes END (temp file, fsync, rename, directory fsync). */
+int endhint_write(const char *dir, const end_hint_t *h);
+/* Removes END if present, durably (unlink, directory fsync). */
+int endhint_remove(const char *dir);
+/* Reads the hinted segment `path` from the latest known record at or below
+ * from_lsn up to the hinted end + WAL_END_TAIL_CHECK, and checks it against
+ * the hint (header and salt, a valid chain of records up to the hinted one
+ * ending exactly at the end, zeros after). 0: *buf (malloc'ed) holds file
+ * bytes [*base, *base + *len) starting with the record *start_lsn, *hdr the
+ * header; 1: the hint does not match (nothing allocated); < 0: I/O error.
+ * *bytes_read grows by the bytes read. */
+int endhint_load(const char *path, const end_hint_t *h, uint64_t from_lsn, seg_header_t *hdr,
+                 uint8_t **buf, uint64_t *base, size_t *len, uint64_t *start_lsn,
+                 uint64_t *size_out, uint64_t *bytes_read);
+
 /* ---- wal_reader.c: record validation shared with the writer's open ---- */
 /* 1 if a valid record starts at buf[off] (fully inside buf[0..len)), filling rec. */
 int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec);

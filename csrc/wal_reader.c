@@ -10,6 +10,13 @@
  *     the record expected here had already been made durable: that is
  *     corruption. A non-last segment was fdatasynced whole before the next
  *     one was created, so garbage in it is always corruption.
+ *
+ * With WAL_READ_END_HINT and a wal/END that matches the newest segment
+ * (wal_endhint.c checks it), that segment is read only from the latest
+ * record known at or below from_lsn to just past the hinted end: the bytes
+ * after the end were checked to be zeros, so classify_stop() sees a clean end
+ * there without reading the zero tail. Offsets in buf are then relative to
+ * `base` (the file offset of buf[0]).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -25,7 +32,11 @@ struct wal_reader {
     size_t nsegs, idx;
     uint8_t *buf;
     size_t len, off;
+    uint64_t base;   /* file offset of buf[0] */
     int loaded;
+    int use_hint;    /* hint holds a wal/END that names the newest segment */
+    end_hint_t hint;
+    uint64_t hint_start_lsn; /* LSN of buf[0] in the hinted segment */
     seg_header_t hdr;
     uint64_t expected; /* LSN of the next record; 0 before the first segment */
     wal_end_t end;
@@ -57,7 +68,7 @@ static void stop(wal_reader_t *r, int status, int rc, size_t off)
 {
     r->end.status = status;
     r->end.rc = rc;
-    r->end.offset = off;
+    r->end.offset = r->base + off;
     r->end.expected_lsn = r->expected;
     if (r->idx < r->nsegs) {
         r->end.seg_first_lsn = r->segs[r->idx];
@@ -112,21 +123,56 @@ static int classify_stop(wal_reader_t *r)
     return 0;
 }
 
+/* The hinted segment, read from the latest known record at or below from_lsn
+ * (endhint_load): 0 loaded, 1 the hint does not match, < 0 an I/O error. */
+static int load_hinted(wal_reader_t *r, const char *path)
+{
+    uint8_t *buf;
+    uint64_t base, start_lsn, size;
+    size_t len;
+    int rc = endhint_load(path, &r->hint, r->from_lsn, &r->hdr, &buf, &base, &len, &start_lsn,
+                          &size, &r->end.bytes_read);
+    r->use_hint = 0; /* one try: the hinted segment is the last one */
+    if (rc != 0) {
+        r->end.end_hint = WAL_HINT_IGNORED;
+        return rc;
+    }
+    r->end.end_hint = WAL_HINT_USED;
+    r->buf = buf;
+    r->len = len;
+    r->base = base;
+    r->hint_start_lsn = start_lsn;
+    return 0;
+}
+
 static int load_segment(wal_reader_t *r)
 {
     char path[WAL_PATH_MAX + 64];
     free(r->buf);
     r->buf = NULL;
+    r->base = 0;
     seg_name(path, sizeof path, r->dir, r->segs[r->idx]);
-    int rc = file_read_all(path, &r->buf, &r->len, NULL);
-    if (rc < 0) {
-        stop(r, WAL_END_ERROR, rc, 0);
-        return rc;
+    int hinted = 0, rc = 1;
+    if (r->use_hint && r->segs[r->idx] == r->hint.seg_first_lsn) {
+        rc = load_hinted(r, path);
+        if (rc < 0) {
+            stop(r, WAL_END_ERROR, rc, 0);
+            return rc;
+        }
+        hinted = rc == 0;
     }
-    rc = seg_decode_header(r->buf, r->len, &r->hdr);
-    if (rc < 0) {
-        stop(r, WAL_END_ERROR, rc, 0);
-        return rc;
+    if (!hinted) {
+        rc = file_read_all(path, &r->buf, &r->len, NULL);
+        if (rc < 0) {
+            stop(r, WAL_END_ERROR, rc, 0);
+            return rc;
+        }
+        r->end.bytes_read += r->len;
+        rc = seg_decode_header(r->buf, r->len, &r->hdr);
+        if (rc < 0) {
+            stop(r, WAL_END_ERROR, rc, 0);
+            return rc;
+        }
     }
     if (r->system_id && r->hdr.system_id != r->system_id) {
         stop(r, WAL_END_ERROR, WAL_EMISMATCH, 0);
@@ -151,8 +197,13 @@ static int load_segment(wal_reader_t *r)
         stop(r, WAL_END_ERROR, WAL_EGAP, 0);
         return WAL_EGAP;
     }
-    r->expected = r->hdr.first_lsn;
-    r->off = WAL_SEG_HDR_SIZE;
+    if (hinted) {
+        r->expected = r->hint_start_lsn;
+        r->off = 0;
+    } else {
+        r->expected = r->hdr.first_lsn;
+        r->off = WAL_SEG_HDR_SIZE;
+    }
     r->loaded = 1;
     r->end.segments++;
     return 0;
@@ -169,6 +220,12 @@ static void accept(wal_reader_t *r, wal_record_t *rec)
 }
 
 int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_reader_t **out)
+{
+    return wal_reader_open_flags(dir, system_id, from_lsn, 0, out);
+}
+
+int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn, unsigned flags,
+                          wal_reader_t **out)
 {
     *out = NULL;
     if (strlen(dir) >= WAL_PATH_MAX - 64)
@@ -203,6 +260,16 @@ int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_
     } else if (r->nsegs == 0) {
         stop(r, WAL_END_CLEAN, 0, 0);
     } else {
+        if (flags & WAL_READ_END_HINT) {
+            /* usable only if it names the newest segment, which LAST confirms */
+            int hr = endhint_read(dir, &r->hint);
+            if (hr == WAL_HINT_USED &&
+                (system_id == 0 || r->hint.system_id == system_id) && lr == 0 &&
+                last == r->segs[r->nsegs - 1] && r->hint.seg_first_lsn == last)
+                r->use_hint = 1;
+            else if (hr != WAL_HINT_NONE)
+                r->end.end_hint = WAL_HINT_IGNORED;
+        }
         /* start at the last segment that begins at or below from_lsn */
         size_t i = 0;
         while (i + 1 < r->nsegs && r->segs[i + 1] <= from_lsn)
@@ -229,6 +296,7 @@ int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
                 return WAL_ECORRUPT;
             }
             accept(r, rec);
+            rec->offset += r->base;
             if (rec->lsn < r->from_lsn)
                 continue;
             return 1;

@@ -31,7 +31,11 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
         return -ENAMETOOLONG;
     uint64_t *segs;
     size_t n;
-    int rc = seg_list(dir, &segs, &n);
+    /* 0. wal/END gone first: it must never name an end the cut moves */
+    int rc = endhint_remove(dir);
+    if (rc < 0)
+        return rc;
+    rc = seg_list(dir, &segs, &n);
     if (rc < 0)
         return rc;
     char path[WAL_PATH_MAX + 64], broken[WAL_PATH_MAX + 128];

@@ -53,6 +53,13 @@ struct wal {
     uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
     uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
     uint64_t fsync_ns_total, fsync_ns_max, fsync_hist[WAL_FSYNC_BUCKETS];
+    /* known record positions in the current segment, for wal/END: the last
+     * record (0: none yet), and one every mark_stride bytes */
+    uint64_t last_rec_off, mark_next, mark_stride;
+    uint32_t nmarks;
+    uint64_t mark_lsn[WAL_END_MARKS], mark_off[WAL_END_MARKS];
+    uint64_t open_bytes_read;
+    int end_hint;
 };
 
 static uint64_t now_ns(void)
@@ -76,6 +83,28 @@ static void note_fsync(wal_t *w, uint64_t ns)
     if (ns > w->fsync_ns_max)
         w->fsync_ns_max = ns;
     w->fsyncs++;
+}
+
+/* A new current segment of `alloc` bytes: no record known in it yet. */
+static void marks_reset(wal_t *w, uint64_t alloc)
+{
+    w->mark_stride = alloc / WAL_END_MARKS;
+    if (w->mark_stride < 4096)
+        w->mark_stride = 4096;
+    w->mark_next = WAL_SEG_HDR_SIZE + w->mark_stride;
+    w->nmarks = 0;
+    w->last_rec_off = 0;
+}
+
+/* A record with LSN lsn starts at offset off of the current segment. */
+static inline void note_record(wal_t *w, uint64_t lsn, uint64_t off)
+{
+    w->last_rec_off = off;
+    if (off >= w->mark_next && w->nmarks < WAL_END_MARKS) {
+        w->mark_lsn[w->nmarks] = lsn;
+        w->mark_off[w->nmarks++] = off;
+        w->mark_next = off + w->mark_stride;
+    }
 }
 
 /* Requires mu. Records the first failure; later calls see WAL_EPOISONED. */
@@ -302,6 +331,7 @@ static int rotate_locked(wal_t *w, uint64_t need)
     w->seg_alloc = alloc;
     w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
     w->segments_created++;
+    marks_reset(w, alloc);
     h_killpoint("rotate_after_create");
     return 0;
 }
@@ -369,6 +399,7 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
     }
     uint8_t *r = w->buf + w->buf_len;
     uint64_t lsn = w->next_lsn++;
+    note_record(w, lsn, w->file_off + w->buf_len);
     put32(r + 4, (uint32_t)plen);
     put64(r + 8, lsn);
     put64(r + 16, w->durable_lsn);
@@ -463,6 +494,8 @@ void wal_get_stats(wal_t *w, wal_stats_t *st)
     st->fsync_ns_max = w->fsync_ns_max;
     memcpy(st->fsync_hist, w->fsync_hist, sizeof st->fsync_hist);
     st->poisoned = w->poisoned;
+    st->open_bytes_read = w->open_bytes_read;
+    st->end_hint = w->end_hint;
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -511,7 +544,8 @@ static int remove_tmp(const char *dir)
     while ((e = readdir(d)) != NULL) {
         size_t n = strlen(e->d_name);
         uint64_t lsn;
-        if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0) {
+        if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0 ||
+            strcmp(e->d_name, WAL_END_NAME ".tmp") == 0) {
             char path[WAL_PATH_MAX + 64];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             if ((rc = h_unlink(path)) < 0)
@@ -538,14 +572,16 @@ static int remove_tmp(const char *dir)
     return rc;
 }
 
-/* Requires the last segment loaded in buf: finds where its records end. */
-static int find_end(const uint8_t *buf, size_t len, const seg_header_t *h, uint64_t *next_lsn,
-                    size_t *end)
+/* Requires the last segment loaded in buf: finds where its records end,
+ * noting the records it passes (marks). */
+static int find_end(wal_t *w, const uint8_t *buf, size_t len, const seg_header_t *h,
+                    uint64_t *next_lsn, size_t *end)
 {
     wal_record_t rec;
     size_t off = WAL_SEG_HDR_SIZE;
     uint64_t expected = h->first_lsn;
     while (rec_parse(buf, len, off, h->salt, &rec) && rec.lsn == expected) {
+        note_record(w, rec.lsn, off);
         off += WAL_REC_HDR_SIZE + rec.len;
         expected++;
     }
@@ -557,26 +593,69 @@ static int find_end(const uint8_t *buf, size_t len, const seg_header_t *h, uint6
     return 0;
 }
 
-static int open_last(wal_t *w, uint64_t first_lsn)
+/* The end from wal/END (*hint, already removed from disk) when it matches
+ * the segment: 0 (w's position set), 1 no match, < 0 an I/O error. Reads only
+ * from the latest mark before the last record: the chain from there to the
+ * end is checked, and the zeros after it. */
+static int open_hinted(wal_t *w, const char *path, const end_hint_t *hint)
+{
+    seg_header_t h;
+    uint8_t *buf;
+    uint64_t base, start_lsn, size;
+    size_t len;
+    int rc = endhint_load(path, hint, hint->last_lsn - 1, &h, &buf, &base, &len, &start_lsn,
+                          &size, &w->open_bytes_read);
+    if (rc != 0)
+        return rc;
+    free(buf);
+    if (h.system_id != w->system_id)
+        return 1; /* the full scan reports the mismatch */
+    w->hdr = h;
+    w->seg_alloc = size;
+    w->file_off = w->seg_synced = hint->end;
+    w->next_lsn = hint->last_lsn + 1;
+    marks_reset(w, size);
+    for (uint32_t i = 0; i < hint->nmarks; i++)
+        note_record(w, hint->mark_lsn[i], hint->mark_off[i]);
+    note_record(w, hint->last_lsn, hint->last_off);
+    return 0;
+}
+
+static int open_last(wal_t *w, uint64_t first_lsn, const end_hint_t *hint)
 {
     char path[WAL_PATH_MAX + 64];
     uint8_t *buf;
     size_t len, end = 0;
     uint64_t next = 0, size = 0;
     seg_name(path, sizeof path, w->dir, first_lsn);
-    int rc = file_read_all(path, &buf, &len, &size);
-    if (rc < 0)
-        return rc;
-    rc = seg_decode_header(buf, len, &w->hdr);
-    if (rc == 0 && w->hdr.system_id != w->system_id)
-        rc = WAL_EMISMATCH;
-    if (rc == 0 && w->hdr.first_lsn != first_lsn)
-        rc = WAL_ECORRUPT;
-    if (rc == 0)
-        rc = find_end(buf, len, &w->hdr, &next, &end);
-    free(buf);
-    if (rc < 0)
-        return rc;
+    int rc = 1;
+    if (hint) {
+        rc = open_hinted(w, path, hint);
+        if (rc < 0)
+            return rc;
+        w->end_hint = rc == 0 ? WAL_HINT_USED : WAL_HINT_IGNORED;
+    }
+    if (rc != 0) {
+        rc = file_read_all(path, &buf, &len, &size);
+        if (rc < 0)
+            return rc;
+        w->open_bytes_read += len;
+        rc = seg_decode_header(buf, len, &w->hdr);
+        if (rc == 0 && w->hdr.system_id != w->system_id)
+            rc = WAL_EMISMATCH;
+        if (rc == 0 && w->hdr.first_lsn != first_lsn)
+            rc = WAL_ECORRUPT;
+        if (rc == 0) {
+            marks_reset(w, size);
+            rc = find_end(w, buf, len, &w->hdr, &next, &end);
+        }
+        free(buf);
+        if (rc < 0)
+            return rc;
+        w->seg_alloc = size;
+        w->file_off = w->seg_synced = end;
+        w->next_lsn = next;
+    }
     int fd = h_open(path, O_RDWR, 0);
     if (fd < 0)
         return fd;
@@ -586,9 +665,6 @@ static int open_last(wal_t *w, uint64_t first_lsn)
         return rc;
     }
     w->fd = fd;
-    w->seg_alloc = size;
-    w->file_off = w->seg_synced = end;
-    w->next_lsn = next;
     return 0;
 }
 
@@ -613,10 +689,24 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     uint64_t *segs = NULL;
     size_t n = 0;
     int rc = (!w->buf || !w->spare) ? -ENOMEM : remove_tmp(dir);
+    /* wal/END is read, then removed durably before anything is appended: it
+     * must never name an end that appends have moved (docs/FORMAT.md) */
+    end_hint_t hint;
+    int hr = rc == 0 ? endhint_read(dir, &hint) : WAL_HINT_NONE;
+    if (hr != WAL_HINT_NONE)
+        w->end_hint = WAL_HINT_IGNORED;
+    if (rc == 0)
+        rc = endhint_remove(dir);
     if (rc == 0)
         rc = seg_list(dir, &segs, &n);
-    if (rc == 0 && n > 0)
-        rc = open_last(w, segs[n - 1]);
+    if (rc == 0 && n > 0) {
+        /* the hint is usable only for the newest segment, which LAST confirms */
+        uint64_t last = 0;
+        int use = hr == WAL_HINT_USED && hint.system_id == w->system_id &&
+                  hint.seg_first_lsn == segs[n - 1] && last_read(dir, &last) == 0 &&
+                  last == segs[n - 1];
+        rc = open_last(w, segs[n - 1], use ? &hint : NULL);
+    }
     if (rc == 0 && n > 0) {
         /* LAST behind the newest segment (a directory restored or made before
          * LAST existed): catch it up, so that losing that segment shows */
@@ -650,6 +740,7 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
             w->seg_alloc = w->segment_size;
             w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
             w->segments_created++;
+            marks_reset(w, w->segment_size);
         }
     }
     if (rc < 0) {
@@ -682,6 +773,20 @@ int wal_close(wal_t *w)
     if (rc == 0)
         rc = sync_locked(w, w->next_lsn - 1);
     quiesce_locked(w);
+    /* Everything is durable and nothing more will be appended: say where the
+     * log ends (only if a record of this segment is known to end it). */
+    if (rc == 0 && !w->poisoned && w->fd >= 0 && w->buf_len == 0 && w->last_rec_off &&
+        w->durable_lsn == w->next_lsn - 1 && w->next_lsn - 1 >= w->hdr.first_lsn) {
+        end_hint_t h = {.system_id = w->system_id, .seg_first_lsn = w->hdr.first_lsn,
+                        .salt = w->hdr.salt, .end = w->file_off, .last_lsn = w->next_lsn - 1,
+                        .last_off = w->last_rec_off};
+        for (uint32_t i = 0; i < w->nmarks && w->mark_lsn[i] < h.last_lsn; i++) {
+            h.mark_lsn[i] = w->mark_lsn[i];
+            h.mark_off[i] = w->mark_off[i];
+            h.nmarks = i + 1;
+        }
+        (void)endhint_write(w->dir, &h); /* without it the next open scans */
+    }
     pthread_mutex_unlock(&w->mu);
     if (w->fd >= 0)
         close(w->fd);

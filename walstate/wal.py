@@ -170,8 +170,10 @@ class Wal:
             name: getattr(st, name) for name in (
                 "next_lsn", "written_lsn", "durable_lsn", "appends", "bytes_appended",
                 "fsyncs", "writes", "segments_created", "seg_first_lsn", "seg_end",
-                "seg_synced", "fsync_ns_total", "fsync_ns_max", "poisoned")
+                "seg_synced", "fsync_ns_total", "fsync_ns_max", "poisoned",
+                "open_bytes_read")
         }
+        out["end_hint"] = _HINT[st.end_hint]
         out["fsync_hist"] = list(st.fsync_hist)
         return out
 
@@ -216,6 +218,8 @@ class LogEnd:
 
     status: "clean", "torn" (a torn/garbage tail in the last segment) or
     "error" (``rc`` says which: corruption, mismatch, gap, I/O).
+    bytes_read: segment bytes read from disk; end_hint: "used", "ignored" (wal/END
+    present but not matching: full scan) or "none" (absent, or not asked for).
     """
 
     status: str
@@ -230,6 +234,8 @@ class LogEnd:
     found_system_id: int
     segments: int
     bytes: int
+    bytes_read: int = 0
+    end_hint: str = "none"
 
     @property
     def missing_segment(self) -> bool:
@@ -264,6 +270,8 @@ class LogEnd:
             raise
 
 
+_HINT = {lib.WAL_HINT_NONE: "none", lib.WAL_HINT_USED: "used",
+         lib.WAL_HINT_IGNORED: "ignored"}
 _STATUS = {lib.WAL_END_CLEAN: "clean", lib.WAL_END_TORN: "torn", lib.WAL_END_ERROR: "error",
            lib.WAL_END_NONE: "none"}
 
@@ -271,12 +279,19 @@ _STATUS = {lib.WAL_END_CLEAN: "clean", lib.WAL_END_TORN: "torn", lib.WAL_END_ERR
 class WalReader:
     """Iterates the valid records with LSN >= from_lsn, in order; then ``end``
     says how the log ended. Errors do not raise during iteration: iteration
-    stops and ``end.status == "error"``. Use as a context manager."""
+    stops and ``end.status == "error"``. Use as a context manager.
 
-    def __init__(self, wal_dir: str, system_id: int = 0, from_lsn: int = 0) -> None:
+    ``end_hint``: use wal/END (the end a clean close recorded) when it matches
+    the log, reading the newest segment only from the last record known at or
+    below ``from_lsn`` to that end: for recovery, not for verification (records
+    before that point are not checked, nor the zero tail)."""
+
+    def __init__(self, wal_dir: str, system_id: int = 0, from_lsn: int = 0, *,
+                 end_hint: bool = False) -> None:
         self.dir = wal_dir
         out = ffi.new("wal_reader_t **")
-        rc = lib.wal_reader_open(os.fsencode(wal_dir), system_id, from_lsn, out)
+        flags = lib.WAL_READ_END_HINT if end_hint else 0
+        rc = lib.wal_reader_open_flags(os.fsencode(wal_dir), system_id, from_lsn, flags, out)
         raise_for(rc, "opening the write-ahead log for reading", wal_dir)
         self._r = out[0]
         self._end: LogEnd | None = None
@@ -346,7 +361,8 @@ class WalReader:
             lib.wal_reader_end(self._r, e)
             le = LogEnd(_STATUS[e.status], e.rc, e.last_lsn, e.expected_lsn, e.seg_first_lsn,
                         e.offset, os.fsdecode(ffi.string(e.path)), e.cut_bytes,
-                        e.later_segments, e.found_system_id, e.segments, e.bytes)
+                        e.later_segments, e.found_system_id, e.segments, e.bytes,
+                        e.bytes_read, _HINT[e.end_hint])
             if le.status == "none":
                 return le
             self._end = le
