@@ -31,6 +31,18 @@ static void refresh_on(void)
     __atomic_store_n(&hooks_on, on, __ATOMIC_RELEASE);
 }
 
+int h_faults_armed(void)
+{
+    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE))
+        return 0;
+    pthread_mutex_lock(&hook_mu);
+    int on = 0;
+    for (int i = 0; i < WAL_OP_COUNT; i++)
+        on |= faults[i].nth != 0;
+    pthread_mutex_unlock(&hook_mu);
+    return on;
+}
+
 void wal_test_fault(int op, uint64_t nth, int err, int persistent)
 {
     if (op < 0 || op >= WAL_OP_COUNT)

@@ -43,6 +43,9 @@ int h_fsync(int fd);
 int h_fallocate(int fd, uint64_t len);
 int h_rename(const char *from, const char *to);
 int h_unlink(const char *path);
+/* 1 while a test injects errors on the nth call (the counts must stay those of
+ * the foreground's calls: no segment is made ahead then). */
+int h_faults_armed(void);
 void h_killpoint(const char *name);
 void h_sync_trace(uint64_t seg_first_lsn, uint64_t offset);
 
@@ -69,6 +72,16 @@ int seg_decode_header(const uint8_t *buf, size_t len, seg_header_t *h);
 /* Creates a segment atomically (tmp, preallocate, header, fdatasync, rename,
  * dir fsync). Returns the open fd (>= 0) or a negative code. */
 int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size);
+/* The next segment's file made ahead of time, at `path` (dir/spare-*.tmp: a
+ * *.tmp, so wal_open removes a leftover; cap >= WAL_PATH_MAX + 64):
+ * allocated, zero-filled and fsynced, no header. Returns its fd, or a negative
+ * errno (nothing left behind). */
+int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap);
+/* seg_create from a spare (fd and path of seg_spare_make, big enough): header,
+ * fsync, rename, LAST -- the same steps and crash states as seg_create after
+ * its zero fill. Consumes spare_fd (closed on failure). Returns the segment's
+ * fd or a negative errno. */
+int seg_create_from_spare(const char *dir, seg_header_t *h, int spare_fd, const char *path);
 /* wal/LAST (first LSN of the newest segment created): 0 and *lsn; 1 if there is
  * none; WAL_ECORRUPT if unreadable; -errno. */
 int last_read(const char *dir, uint64_t *lsn);

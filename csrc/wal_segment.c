@@ -243,26 +243,34 @@ static int zero_fill(int fd, uint64_t size)
     return 0;
 }
 
-int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
+int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap)
 {
-    char final[WAL_PATH_MAX + 64], tmp[WAL_PATH_MAX + 80];
-    uint8_t hdr[WAL_SEG_HDR_SIZE];
-    seg_name(final, sizeof final, dir, h->first_lsn);
-    snprintf(tmp, sizeof tmp, "%s.tmp", final);
-    h->nonce = random_nonce();
-    seg_encode_header(hdr, h);
-
-    /* A segment gets its final name only once its header is durable: a
-     * crash during creation leaves a *.tmp that wal_open removes, never a
-     * segment with a torn header. */
-    int fd = h_open(tmp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    snprintf(path, cap, "%s/spare-%016llx.tmp", dir, (unsigned long long)random_nonce());
+    int fd = h_open(path, O_RDWR | O_CREAT | O_EXCL, 0644);
     if (fd < 0)
         return fd;
-    int rc = h_fallocate(fd, alloc_size); /* a full disk fails here, cleanly */
+    int rc = h_fallocate(fd, size);
     if (rc == 0)
-        rc = zero_fill(fd, alloc_size);
+        rc = zero_fill(fd, size);
     if (rc == 0)
-        rc = h_pwrite_all(fd, hdr, sizeof hdr, 0);
+        rc = h_fsync(fd); /* the blocks and the size durable before it is named */
+    if (rc < 0) {
+        close(fd);
+        unlink(path);
+        return rc;
+    }
+    return fd;
+}
+
+/* The steps of seg_create after the file exists, allocated and zero-filled
+ * (at `tmp`, open as fd): header, fsync, LAST prepared, rename, LAST. */
+static int seg_publish(const char *dir, seg_header_t *h, int fd, const char *tmp,
+                       const char *final)
+{
+    uint8_t hdr[WAL_SEG_HDR_SIZE];
+    h->nonce = random_nonce();
+    seg_encode_header(hdr, h);
+    int rc = h_pwrite_all(fd, hdr, sizeof hdr, 0);
     if (rc == 0)
         rc = h_fsync(fd); /* fsync, not fdatasync: the size is metadata */
     if (rc == 0)
@@ -285,6 +293,35 @@ int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
     }
     h_killpoint("segment_create_after_rename");
     return fd;
+}
+
+int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size)
+{
+    char final[WAL_PATH_MAX + 64], tmp[WAL_PATH_MAX + 80];
+    seg_name(final, sizeof final, dir, h->first_lsn);
+    snprintf(tmp, sizeof tmp, "%s.tmp", final);
+    /* A segment gets its final name only once its header is durable: a
+     * crash during creation leaves a *.tmp that wal_open removes, never a
+     * segment with a torn header. */
+    int fd = h_open(tmp, O_RDWR | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0)
+        return fd;
+    int rc = h_fallocate(fd, alloc_size); /* a full disk fails here, cleanly */
+    if (rc == 0)
+        rc = zero_fill(fd, alloc_size);
+    if (rc < 0) {
+        close(fd);
+        unlink(tmp);
+        return rc;
+    }
+    return seg_publish(dir, h, fd, tmp, final);
+}
+
+int seg_create_from_spare(const char *dir, seg_header_t *h, int spare_fd, const char *path)
+{
+    char final[WAL_PATH_MAX + 64];
+    seg_name(final, sizeof final, dir, h->first_lsn);
+    return seg_publish(dir, h, spare_fd, path, final);
 }
 
 /* Where the data of fd ends: the start of the hole that runs to EOF (preallocated,

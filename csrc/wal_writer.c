@@ -49,6 +49,16 @@ struct wal {
     int group_ring[4];   /* sync_waiters when each of the last 4 fdatasyncs started */
     unsigned group_pos;
     uint64_t fsync_ewma_ns; /* recent fdatasync time (moving average) */
+    /* The next segment's file, made ahead by the preparer thread once the
+     * current segment is half full, so that a rotation does not write a whole
+     * segment of zeros while every writer waits (docs/FORMAT.md, "WAL segment"). */
+    int next_fd;         /* ready: >= 0, next_size bytes at next_path */
+    uint64_t next_size;
+    char next_path[WAL_PATH_MAX + 64];
+    int prep_state;      /* PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF */
+    int prep_stop;
+    pthread_t prep;
+    pthread_cond_t prep_cv;
     int poisoned;
     uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
     uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
@@ -112,6 +122,80 @@ static void poison(wal_t *w, int rc)
 {
     if (!w->poisoned)
         w->poisoned = rc;
+}
+
+enum { PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF };
+
+/* The preparer thread: makes the next segment's file whenever asked. */
+static void *prep_main(void *arg)
+{
+    wal_t *w = arg;
+    pthread_mutex_lock(&w->mu);
+    while (!w->prep_stop) {
+        if (w->prep_state != PREP_WANTED) {
+            pthread_cond_wait(&w->prep_cv, &w->mu);
+            continue;
+        }
+        w->prep_state = PREP_BUSY;
+        uint64_t size = w->segment_size;
+        char path[WAL_PATH_MAX + 64];
+        pthread_mutex_unlock(&w->mu);
+        int fd = seg_spare_make(w->dir, size, path, sizeof path);
+        pthread_mutex_lock(&w->mu);
+        w->prep_state = PREP_IDLE;
+        if (fd >= 0 && w->next_fd < 0 && !w->prep_stop) {
+            w->next_fd = fd;
+            w->next_size = size;
+            memcpy(w->next_path, path, sizeof w->next_path);
+        } else if (fd >= 0) {
+            close(fd);
+            unlink(path);
+        }
+        /* a failure (a full disk...) is not reported here: the rotation then
+         * creates the segment itself and reports it */
+    }
+    pthread_mutex_unlock(&w->mu);
+    return NULL;
+}
+
+/* Requires mu. Asks for the next segment's file once the current one is half
+ * full (not while a test injects faults: its counts are the foreground's). */
+static void maybe_prepare_next(wal_t *w)
+{
+    if (w->next_fd >= 0 || w->prep_state == PREP_WANTED || w->prep_state == PREP_BUSY ||
+        w->prep_state == PREP_OFF || (w->file_off + w->buf_len) * 2 < w->seg_alloc ||
+        h_faults_armed())
+        return;
+    if (w->prep_state == PREP_NONE) {
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, 256 * 1024);
+        int rc = pthread_create(&w->prep, &a, prep_main, w);
+        pthread_attr_destroy(&a);
+        if (rc != 0) {
+            w->prep_state = PREP_OFF; /* rotations create segments themselves */
+            return;
+        }
+    }
+    w->prep_state = PREP_WANTED;
+    pthread_cond_signal(&w->prep_cv);
+}
+
+/* Stops the preparer and removes an unused file it made. mu not held. */
+static void prep_shutdown(wal_t *w)
+{
+    pthread_mutex_lock(&w->mu);
+    int started = w->prep_state != PREP_NONE && w->prep_state != PREP_OFF;
+    w->prep_stop = 1;
+    pthread_cond_signal(&w->prep_cv);
+    pthread_mutex_unlock(&w->mu);
+    if (started)
+        pthread_join(w->prep, NULL);
+    if (w->next_fd >= 0) {
+        close(w->next_fd);
+        unlink(w->next_path); /* best effort; wal_open removes *.tmp leftovers */
+        w->next_fd = -1;
+    }
 }
 
 /* fdatasyncs allowed in flight at once. Measured here (ext4 on a virtual
@@ -314,7 +398,13 @@ static int rotate_locked(wal_t *w, uint64_t need)
     uint64_t alloc = w->segment_size;
     if (WAL_SEG_HDR_SIZE + need > alloc)
         alloc = WAL_SEG_HDR_SIZE + need; /* one oversized segment holds a huge record */
-    int fd = seg_create(w->dir, &h, alloc);
+    int fd;
+    if (w->next_fd >= 0 && alloc <= w->next_size) {
+        fd = seg_create_from_spare(w->dir, &h, w->next_fd, w->next_path);
+        w->next_fd = -1;
+    } else {
+        fd = seg_create(w->dir, &h, alloc);
+    }
     w->write_busy = 0;
     pthread_cond_broadcast(&w->cv);
     if (fd < 0) {
@@ -397,6 +487,7 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
         pthread_mutex_unlock(&w->mu);
         return rc;
     }
+    maybe_prepare_next(w);
     uint8_t *r = w->buf + w->buf_len;
     uint64_t lsn = w->next_lsn++;
     note_record(w, lsn, w->file_off + w->buf_len);
@@ -545,7 +636,10 @@ static int remove_tmp(const char *dir)
         size_t n = strlen(e->d_name);
         uint64_t lsn;
         if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0 ||
-            strcmp(e->d_name, WAL_END_NAME ".tmp") == 0) {
+            strcmp(e->d_name, WAL_END_NAME ".tmp") == 0 ||
+            (n == 26 && strncmp(e->d_name, "spare-", 6) == 0 &&
+             strspn(e->d_name + 6, "0123456789abcdef") == 16 &&
+             strcmp(e->d_name + 22, ".tmp") == 0)) { /* a next segment made ahead */
             char path[WAL_PATH_MAX + 64];
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             if ((rc = h_unlink(path)) < 0)
@@ -683,6 +777,7 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     w->system_id = opt->system_id;
     w->segment_size = opt->segment_size;
     w->fd = -1;
+    w->next_fd = -1;
     w->buf_cap = w->spare_cap = (size_t)opt->buffer_size;
     w->buf = malloc(w->buf_cap);
     w->spare = malloc(w->spare_cap);
@@ -759,6 +854,7 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&w->arrive_cv, &ca);
     pthread_condattr_destroy(&ca);
+    pthread_cond_init(&w->prep_cv, NULL);
     *out = w;
     return 0;
 }
@@ -788,11 +884,13 @@ int wal_close(wal_t *w)
         (void)endhint_write(w->dir, &h); /* without it the next open scans */
     }
     pthread_mutex_unlock(&w->mu);
+    prep_shutdown(w);
     if (w->fd >= 0)
         close(w->fd);
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
     pthread_cond_destroy(&w->arrive_cv);
+    pthread_cond_destroy(&w->prep_cv);
     free(w->buf);
     free(w->spare);
     free(w);

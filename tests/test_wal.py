@@ -744,7 +744,12 @@ def test_kill_point_leaves_a_readable_prefix(tmp_path, wal_dir, point, nth, unre
     if point.startswith(("rotate", "segment")):
         assert len(reported) == KP_PER_SEG
     tmps = [p for p in os.listdir(wal_dir) if p.endswith(".seg.tmp")]
-    assert len(tmps) == (point == "segment_create_before_rename")
+    # a next segment's file made ahead (spare-*.tmp) may be there at any point
+    spares = [p for p in os.listdir(wal_dir) if p.startswith("spare-") and p.endswith(".tmp")]
+    if point == "segment_create_before_rename":  # made here, or made ahead
+        assert len(tmps) + len(spares) >= 1 and len(tmps) <= 1
+    else:
+        assert not tmps
     got, end, _ = read_wal(wal_dir)
     assert end.status == "clean", end
     assert len(got) == len(reported) + unreported
@@ -889,3 +894,52 @@ def test_reader_survives_a_concurrent_writer(wal_dir) -> None:
         stop.set()
         th.join()
         w.close()
+
+
+def _spares(d) -> list[str]:
+    return sorted(p for p in os.listdir(d) if p.startswith("spare-") and p.endswith(".tmp"))
+
+
+def test_the_next_segment_is_made_ahead_and_used_at_the_switch(wal_dir) -> None:
+    seg = 64 * 1024
+    w = open_wal(wal_dir, segment_size=seg)
+    payload = b"p" * 1000
+    lsn = 0
+    while (lsn + 1) * (1000 + 28) < seg // 2 + 2000:  # past half the first segment
+        lsn = w.append(codec.DELETE, payload)
+    w.flush()
+    deadline = time.monotonic() + 10
+    while not _spares(wal_dir) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        lsn = w.append(codec.DELETE, payload)
+    spares = _spares(wal_dir)
+    assert len(spares) == 1, os.listdir(wal_dir)
+    spare = os.path.join(wal_dir, spares[0])
+    # allocated and zero-filled, no header: never mistaken for a segment
+    with open(spare, "rb") as f:
+        assert f.read() == bytes(seg)
+    assert w.stats()["segments_created"] == 1
+    while w.stats()["segments_created"] == 1:  # fill the first segment: the switch
+        lsn = w.append(codec.DELETE, payload)
+    assert not os.path.exists(spare)  # renamed into the new segment
+    second = [p for _l, p in list_segments(wal_dir)][1]
+    assert os.path.getsize(second) == seg
+    w.close()
+    assert not _spares(wal_dir)  # close removes an unused one
+    got, end, _ = read_wal(wal_dir)
+    assert end.status == "clean" and [r[0] for r in got] == list(range(1, lsn + 1))
+
+
+def test_open_removes_a_leftover_spare_and_nothing_else(wal_dir) -> None:
+    w = open_wal(wal_dir)
+    w.append(codec.DELETE, b"x")
+    w.close()
+    stale = os.path.join(wal_dir, "spare-0123456789abcdef.tmp")
+    other = os.path.join(wal_dir, "spare-notours.tmp")
+    for p in (stale, other):
+        with open(p, "wb") as f:
+            f.write(bytes(4096))
+    w = open_wal(wal_dir)
+    assert not os.path.exists(stale) and os.path.exists(other)
+    assert w.append(codec.DELETE, b"y") == 2
+    w.close()
