@@ -10,9 +10,10 @@
  *
  * apply(): the inner loop of crash recovery. Applies the PUT
  * and DELETE records of one batch read by wal_reader_batch to the in-memory
- * table (a dict: key -> value, None for a delete), in order, and stops at the
- * first record of any other type (a BATCH, an ignorable record), which the
- * Python side handles (walstate/recovery.py) before calling again after it.
+ * table (a dict: key -> value, None for a delete), as if in order (a record
+ * whose key the batch writes again later is skipped), and stops at the first
+ * record of any other type (a BATCH, an ignorable record), which the Python
+ * side handles (walstate/recovery.py) before calling again after it.
  *
  * The record framing was validated by the C reader (CRC, bounds); the
  * payloads are still checked here before use: a malformed one is ValueError.
@@ -28,10 +29,72 @@
 
 #include "wal_format.h"
 
+/* One PUT or DELETE record's key and value, checked against the data. */
+typedef struct {
+    const uint8_t *key, *val;  /* val NULL: a delete */
+    size_t klen, vlen;
+} rec_kv;
+
+/* Record i's key and value; 1 if it is a PUT or DELETE, 0 if another type, -1
+ * (ValueError set) if malformed. */
+static int rec_parse_kv(const Py_buffer *data, const Py_buffer *offs, const Py_buffer *lens,
+                        const uint8_t *types, Py_ssize_t i, rec_kv *kv)
+{
+    uint8_t t = types[i];
+    if (t != WAL_TYPE_PUT && t != WAL_TYPE_DELETE)
+        return 0;
+    uint64_t off, len;
+    memcpy(&off, (const uint8_t *)offs->buf + 8 * i, 8);
+    memcpy(&len, (const uint8_t *)lens->buf + 8 * i, 8);
+    if (off > (uint64_t)data->len || len > (uint64_t)data->len - off) {
+        PyErr_Format(PyExc_ValueError, "record %zd lies outside the data", i);
+        return -1;
+    }
+    const uint8_t *p = (const uint8_t *)data->buf + off;
+    if (t == WAL_TYPE_PUT) {
+        size_t klen = len >= 2 ? (size_t)(p[0] | p[1] << 8) : 0;
+        if (klen == 0 || 2 + klen > len) {
+            PyErr_Format(PyExc_ValueError, "record %zd: malformed PUT payload", i);
+            return -1;
+        }
+        kv->key = p + 2, kv->klen = klen;
+        kv->val = p + 2 + klen, kv->vlen = (size_t)len - 2 - klen;
+    } else {
+        if (len == 0) {
+            PyErr_Format(PyExc_ValueError, "record %zd: empty DELETE payload", i);
+            return -1;
+        }
+        kv->key = p, kv->klen = (size_t)len;
+        kv->val = NULL, kv->vlen = 0;
+    }
+    return 1;
+}
+
+static uint64_t key_hash(const uint8_t *p, size_t n)
+{
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xff51afd7ed558ccdull;
+        h ^= h >> 29;
+        p += 8, n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    h = (h ^ w) * 0xc4ceb9fe1a85ec53ull;
+    return h ^ (h >> 32);
+}
+
 /* apply(table, data, offs, lens, types, start, n) -> index of the first record
  * at or after `start` that is neither PUT nor DELETE (n if none).
  * data: a buffer holding the payloads; offs/lens: buffers of n uint64; types:
- * a buffer of n uint8. */
+ * a buffer of n uint8.
+ *
+ * The run of PUT and DELETE records is read twice: backwards first, checking
+ * every payload and marking each record whose key a later record of the run
+ * writes again (its value would only be replaced: no Python objects are made
+ * for it); then forwards, storing the others. The table ends the same. */
 static PyObject *apply(PyObject *self, PyObject *args)
 {
     (void)self;
@@ -42,57 +105,64 @@ static PyObject *apply(PyObject *self, PyObject *args)
                           &types, &start, &n))
         return NULL;
     PyObject *result = NULL;
+    rec_kv *kv = NULL;
+    uint32_t *slots = NULL;
+    uint8_t *dead = NULL;
     if (n < 0 || start < 0 || start > n || offs.len < n * 8 || lens.len < n * 8 ||
-        types.len < n) {
+        types.len < n || n > (Py_ssize_t)(UINT32_MAX / 4)) {
         PyErr_SetString(PyExc_ValueError, "replay.apply: arrays shorter than n");
         goto out;
     }
-    const uint8_t *d = data.buf, *t = types.buf;
-    Py_ssize_t i = start;
-    for (; i < n; i++) {
-        uint64_t off, len;
-        memcpy(&off, (const uint8_t *)offs.buf + 8 * i, 8);
-        memcpy(&len, (const uint8_t *)lens.buf + 8 * i, 8);
-        if (off > (uint64_t)data.len || len > (uint64_t)data.len - off) {
-            PyErr_Format(PyExc_ValueError, "record %zd lies outside the data", i);
+    const uint8_t *t = types.buf;
+    Py_ssize_t stop = start;
+    while (stop < n && (t[stop] == WAL_TYPE_PUT || t[stop] == WAL_TYPE_DELETE))
+        stop++;
+    size_t run = (size_t)(stop - start), cap = 16;
+    while (cap < 2 * run)
+        cap <<= 1;
+    kv = PyMem_RawMalloc((run ? run : 1) * sizeof *kv);
+    slots = PyMem_RawCalloc(cap, sizeof *slots);  /* 0: empty, else run index + 1 */
+    dead = PyMem_RawCalloc(run ? run : 1, 1);
+    if (!kv || !slots || !dead) {
+        PyErr_NoMemory();
+        goto out;
+    }
+    for (size_t j = run; j-- > 0;) {
+        if (rec_parse_kv(&data, &offs, &lens, t, start + (Py_ssize_t)j, &kv[j]) < 0)
             goto out;
-        }
-        const uint8_t *p = d + off;
-        PyObject *k, *v;
-        if (t[i] == WAL_TYPE_PUT) {
-            size_t klen = len >= 2 ? (size_t)(p[0] | p[1] << 8) : 0;
-            if (klen == 0 || 2 + klen > len) {
-                PyErr_Format(PyExc_ValueError, "record %zd: malformed PUT payload", i);
-                goto out;
+        size_t s = (size_t)key_hash(kv[j].key, kv[j].klen) & (cap - 1);
+        for (;; s = (s + 1) & (cap - 1)) {
+            uint32_t e = slots[s];
+            if (e == 0) {
+                slots[s] = (uint32_t)j + 1;
+                break;
             }
-            k = PyBytes_FromStringAndSize((const char *)p + 2, (Py_ssize_t)klen);
-            v = k ? PyBytes_FromStringAndSize((const char *)p + 2 + klen,
-                                              (Py_ssize_t)(len - 2 - klen))
-                  : NULL;
-        } else if (t[i] == WAL_TYPE_DELETE) {
-            if (len == 0) {
-                PyErr_Format(PyExc_ValueError, "record %zd: empty DELETE payload", i);
-                goto out;
+            const rec_kv *o = &kv[e - 1];
+            if (o->klen == kv[j].klen && memcmp(o->key, kv[j].key, o->klen) == 0) {
+                dead[j] = 1;  /* written again later in the run */
+                break;
             }
-            k = PyBytes_FromStringAndSize((const char *)p, (Py_ssize_t)len);
-            v = Py_None;
-            Py_INCREF(v);
-        } else {
-            break;
         }
-        if (!k || !v) {
-            Py_XDECREF(k);
-            Py_XDECREF(v);
-            goto out;
-        }
-        int rc = PyDict_SetItem(table, k, v);
-        Py_DECREF(k);
-        Py_DECREF(v);
+    }
+    for (size_t j = 0; j < run; j++) {
+        if (dead[j])
+            continue;
+        PyObject *k = PyBytes_FromStringAndSize((const char *)kv[j].key, (Py_ssize_t)kv[j].klen);
+        PyObject *v = !k ? NULL
+                      : kv[j].val ? PyBytes_FromStringAndSize((const char *)kv[j].val,
+                                                             (Py_ssize_t)kv[j].vlen)
+                                  : Py_NewRef(Py_None);
+        int rc = k && v ? PyDict_SetItem(table, k, v) : -1;
+        Py_XDECREF(k);
+        Py_XDECREF(v);
         if (rc < 0)
             goto out;
     }
-    result = PyLong_FromSsize_t(i);
+    result = PyLong_FromSsize_t(stop);
 out:
+    PyMem_RawFree(kv);
+    PyMem_RawFree(slots);
+    PyMem_RawFree(dead);
     PyBuffer_Release(&data);
     PyBuffer_Release(&offs);
     PyBuffer_Release(&lens);

@@ -70,6 +70,8 @@ struct wal {
     uint64_t mark_lsn[WAL_END_MARKS], mark_off[WAL_END_MARKS];
     uint64_t open_bytes_read;
     int end_hint;
+    int end_pending;     /* wal/END (used at open) still on disk: removed before
+                          * the first append, kept by a close with none */
 };
 
 static uint64_t now_ns(void)
@@ -140,7 +142,8 @@ static void *prep_main(void *arg)
         uint64_t size = w->segment_size;
         char path[WAL_PATH_MAX + 64];
         pthread_mutex_unlock(&w->mu);
-        int fd = seg_spare_make(w->dir, size, path, sizeof path);
+        int allocated;
+        int fd = seg_spare_make(w->dir, size, path, sizeof path, &allocated);
         pthread_mutex_lock(&w->mu);
         w->prep_state = PREP_IDLE;
         if (fd >= 0 && w->next_fd < 0 && !w->prep_stop) {
@@ -150,9 +153,16 @@ static void *prep_main(void *arg)
         } else if (fd >= 0) {
             close(fd);
             unlink(path);
+        } else if (allocated || (fd != -ENOSPC && fd != -EDQUOT)) {
+            /* a failing device (EIO, or writes lost after the space was granted:
+             * even ENOSPC from fsync): nothing more is acknowledged -- the log's
+             * own blocks may be failing the same way, and only a later fdatasync
+             * would say so */
+            poison(w, fd);
+            pthread_cond_broadcast(&w->cv);
         }
-        /* a failure (a full disk...) is not reported here: the rotation then
-         * creates the segment itself and reports it */
+        /* a full disk is not reported here: the rotation then creates the
+         * segment itself and reports it */
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;
@@ -457,6 +467,16 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
             rc = WAL_EPOISONED;
             break;
         }
+        if (w->end_pending) { /* the first append: wal/END goes first, durably */
+            if (nowait) {
+                rc = WAL_EAGAIN;
+                break;
+            }
+            if ((rc = endhint_remove(w->dir)) != 0)
+                break; /* nothing appended; the next append tries again */
+            w->end_pending = 0;
+            continue;
+        }
         if (nowait && (w->file_off + w->buf_len + need > w->seg_alloc ||
                        w->buf_len + need > w->buf_cap)) {
             rc = WAL_EAGAIN;
@@ -753,8 +773,10 @@ static int open_last(wal_t *w, uint64_t first_lsn, const end_hint_t *hint)
     int fd = h_open(path, O_RDWR, 0);
     if (fd < 0)
         return fd;
-    /* what a killed process left in the page cache becomes durable now */
-    if ((rc = h_fdatasync(fd)) < 0) {
+    /* what a killed process left in the page cache becomes durable now (not
+     * after a clean close, whose END is written once everything was durable,
+     * and removed before anything is appended again) */
+    if (w->end_hint != WAL_HINT_USED && (rc = h_fdatasync(fd)) < 0) {
         close(fd);
         return rc;
     }
@@ -784,14 +806,14 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     uint64_t *segs = NULL;
     size_t n = 0;
     int rc = (!w->buf || !w->spare) ? -ENOMEM : remove_tmp(dir);
-    /* wal/END is read, then removed durably before anything is appended: it
-     * must never name an end that appends have moved (docs/FORMAT.md) */
+    /* wal/END is read, and removed durably before anything is appended: it
+     * must never name an end that appends have moved (docs/FORMAT.md). A hint
+     * that matches stays until the first append (end_pending), so that an
+     * open that writes nothing writes nothing; any other goes now. */
     end_hint_t hint;
     int hr = rc == 0 ? endhint_read(dir, &hint) : WAL_HINT_NONE;
     if (hr != WAL_HINT_NONE)
         w->end_hint = WAL_HINT_IGNORED;
-    if (rc == 0)
-        rc = endhint_remove(dir);
     if (rc == 0)
         rc = seg_list(dir, &segs, &n);
     if (rc == 0 && n > 0) {
@@ -802,6 +824,10 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
                   last == segs[n - 1];
         rc = open_last(w, segs[n - 1], use ? &hint : NULL);
     }
+    if (rc == 0 && w->end_hint == WAL_HINT_USED)
+        w->end_pending = 1;
+    else if (rc == 0 && hr != WAL_HINT_NONE)
+        rc = endhint_remove(dir);
     if (rc == 0 && n > 0) {
         /* LAST behind the newest segment (a directory restored or made before
          * LAST existed): catch it up, so that losing that segment shows */
@@ -822,9 +848,11 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
         if (prev >= min_next)
             prev = min_next - 1;
         w->next_lsn = min_next;
+        if (w->end_pending && (rc = endhint_remove(dir)) == 0)
+            w->end_pending = 0;
         seg_header_t h = {.first_lsn = w->next_lsn, .prev_lsn = prev,
                           .system_id = w->system_id, .segment_size = w->segment_size};
-        int fd = seg_create(dir, &h, w->segment_size);
+        int fd = rc == 0 ? seg_create(dir, &h, w->segment_size) : rc;
         if (fd < 0) {
             rc = fd;
         } else {
@@ -871,7 +899,8 @@ int wal_close(wal_t *w)
     quiesce_locked(w);
     /* Everything is durable and nothing more will be appended: say where the
      * log ends (only if a record of this segment is known to end it). */
-    if (rc == 0 && !w->poisoned && w->fd >= 0 && w->buf_len == 0 && w->last_rec_off &&
+    if (rc == 0 && !w->poisoned && !w->end_pending && w->fd >= 0 && w->buf_len == 0 &&
+        w->last_rec_off &&
         w->durable_lsn == w->next_lsn - 1 && w->next_lsn - 1 >= w->hdr.first_lsn) {
         end_hint_t h = {.system_id = w->system_id, .seg_first_lsn = w->hdr.first_lsn,
                         .salt = w->hdr.salt, .end = w->file_off, .last_lsn = w->next_lsn - 1,

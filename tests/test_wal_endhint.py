@@ -140,15 +140,18 @@ def test_a_mark_below_from_lsn_bounds_what_is_read(wal_dir) -> None:
 
 def test_writer_reopen_uses_the_hint_and_removes_it_before_appending(wal_dir) -> None:
     written = build_wal(wal_dir, 300, size=100)
-    before = decode_end(open(end_path(wal_dir), "rb").read())
+    raw = open(end_path(wal_dir), "rb").read()
+    before = decode_end(raw)
     w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
     try:
         st = w.stats()
         assert st["end_hint"] == "used"
         assert st["open_bytes_read"] < SMALL_SEGMENT // 4
-        assert not os.path.exists(end_path(wal_dir))   # gone before any append
+        # nothing appended yet: END still says where the log ends, unchanged
+        assert open(end_path(wal_dir), "rb").read() == raw
         assert st["next_lsn"] == len(written) + 1 and st["seg_end"] == before["end"]
         assert w.append(codec.DELETE, b"after") == len(written) + 1
+        assert not os.path.exists(end_path(wal_dir))   # gone before that append
     finally:
         w.close()
     after = decode_end(open(end_path(wal_dir), "rb").read())
@@ -180,17 +183,34 @@ def test_a_failing_end_write_leaves_no_end_and_close_succeeds(wal_dir) -> None:
     assert read(wal_dir)[1].last_lsn == 1
 
 
-def test_an_end_that_cannot_be_removed_fails_the_writable_open(wal_dir) -> None:
+def test_an_end_that_cannot_be_removed_fails_the_first_append(wal_dir) -> None:
     from walstate import _testing
     build_wal(wal_dir, 5)
+    raw = open(end_path(wal_dir), "rb").read()
+    w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
     _testing.fault("unlink", 1, persistent=True)
     try:
         with pytest.raises(OSError):
-            Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
+            w.append(codec.DELETE, b"refused")
     finally:
         _testing.clear()
-    assert os.path.exists(end_path(wal_dir))
-    Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT).close()
+    assert open(end_path(wal_dir), "rb").read() == raw  # nothing appended, END intact
+    assert w.append(codec.DELETE, b"now") == 6  # the next append removes it first
+    assert not os.path.exists(end_path(wal_dir))
+    w.close()
+    got, end, _ = read_wal(wal_dir)
+    assert [r[0] for r in got] == [1, 2, 3, 4, 5, 6] and end.status == "clean"
+
+
+def test_a_writable_open_that_appends_nothing_leaves_the_hint(wal_dir) -> None:
+    build_wal(wal_dir, 20, size=80)
+    raw = open(end_path(wal_dir), "rb").read()
+    for _ in range(3):
+        w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
+        assert w.stats()["end_hint"] == "used"
+        w.sync()  # nothing to sync: no append, END stays
+        w.close()
+        assert open(end_path(wal_dir), "rb").read() == raw
 
 
 def test_cut_removes_the_hint_first(wal_dir) -> None:
@@ -300,6 +320,9 @@ def test_a_lying_hint_with_a_valid_crc_is_ignored(wal_dir, lie) -> None:
     w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
     try:
         assert w.stats()["next_lsn"] == h["last_lsn"] + 1
+        # an ignored hint goes at open; a used one stays until the first append
+        assert os.path.exists(end_path(wal_dir)) == (w.stats()["end_hint"] == "used")
+        w.append(codec.DELETE, b"after")
         assert not os.path.exists(end_path(wal_dir))
     finally:
         w.close()
@@ -345,6 +368,7 @@ def test_engine_reopen_after_a_clean_close_uses_the_hint(tmp_path) -> None:
     n = fill(path)
     wal = os.path.join(path, "wal")
     assert os.path.exists(end_path(wal))
+    raw = open(end_path(wal), "rb").read()
     for _ in range(3):                               # reopens without writes keep using it
         with walstate.open(path) as db:
             rec = db.info()["recovery"]
@@ -352,9 +376,15 @@ def test_engine_reopen_after_a_clean_close_uses_the_hint(tmp_path) -> None:
             assert rec["wal_bytes_read"] < (1 << 20) // 8
             assert db._wal.stats()["end_hint"] == "used"
             assert db._wal.stats()["open_bytes_read"] < (1 << 20) // 8
-            assert not os.path.exists(end_path(wal))
             assert db.get(b"k%06d" % (n - 1)) == b"v" * 100
-        assert os.path.exists(end_path(wal))
+            # a session that only reads writes nothing: END and the log unchanged
+            assert db.stats()["wal_records"] == 0
+            assert open(end_path(wal), "rb").read() == raw
+        assert open(end_path(wal), "rb").read() == raw
+    with walstate.open(path) as db:  # the first write removes END, then writes
+        db.put(b"k%06d" % 0, b"w")
+        assert not os.path.exists(end_path(wal))
+    assert os.path.exists(end_path(wal))
     with walstate.open(path, recovery="strict") as db:   # strict reads every byte
         rec = db.info()["recovery"]
         assert rec["end_hint"] == "none" and rec["wal_bytes_read"] >= 1 << 20

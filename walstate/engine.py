@@ -171,6 +171,8 @@ class Engine:
         else:  # pragma: no cover - a build without the speedups extension
             self._hot = _PyHot(*hot_args)
         self._close_mu = threading.Lock()
+        self._session_mu = threading.Lock()
+        self._session = False  # the log marked in use (_start_session)
         self._closed = False
         self._failed: BaseException | None = None
         self._dirlock: DirLock | None = None
@@ -245,10 +247,6 @@ class Engine:
             self._wal = Wal(lay.wal, system_id=self.system_id, segment_size=cfg.segment_size,
                             buffer_size=cfg.wal_buffer_size,
                             min_next_lsn=rec.last_lsn + 1 + skip, covered_lsn=snap_lsn)
-            # Marks the log as in use: until a clean close appends SHUTDOWN after it,
-            # a later recovery knows this session may have handed out LSNs it lost.
-            self._wal.sync(self._wal.append(codec.SESSION, b""))
-            self._last_lsn = self._wal.stats()["next_lsn"] - 1
             self._wal_put = self._wal.put_serialized
             self._hot.set_wal(*self._wal.hot_args())
         self._checkpointer = Checkpointer(
@@ -265,17 +263,43 @@ class Engine:
         # after a large replay in the background, so that the engine serves as soon
         # as the replay is done (a crash meanwhile replays the same WAL again).
         later = len(self._active) > RECOVERY_CHECKPOINT_INLINE_KEYS
+        # After a clean close with nothing to recover, the session starts with the
+        # first write (an open that only reads writes nothing); otherwise now.
+        lazy = (not fresh and rec.report["clean_shutdown"] and not self._active
+                and not rec.report["truncated_bytes"] and cfg.archive_dir is None)
+        if not lazy:
+            self._start_session(counted=False)
         if (self._active or rec.report["truncated_bytes"]) and not later:
             self._checkpointer.run("recovery")
         self._stats_base = self._raw_stats()
-        self._writable = True
-        self._checkpointer.start()
         if later:
             self._checkpointer.request("recovery")
-        if cfg.sync == "interval":
-            self._flusher = threading.Thread(target=self._flush_loop, name="walstate-flusher",
-                                             daemon=True)
-            self._flusher.start()
+
+    def _start_session(self, counted: bool = True) -> None:
+        """Marks the log as in use -- a SESSION record, synced: until a clean close
+        appends SHUTDOWN after it, a later recovery knows that this session may have
+        handed out LSNs it lost -- and starts the background threads. At open, or
+        after a clean close at the first write. ``counted``: after open returned
+        (its record and fsync are then taken out of stats())."""
+        with self._session_mu:
+            if self._session or self._closed:
+                return
+            before = self._raw_stats() if counted else {}
+            wal = self._wal
+            wal.sync(wal.append(codec.SESSION, b""))  # type: ignore[union-attr]
+            self._last_lsn = wal.stats()["next_lsn"] - 1  # type: ignore[union-attr, operator]
+            if counted:
+                after = self._raw_stats()
+                for k in ("wal_records", "wal_bytes_written", "fsyncs", "wal_writes"):
+                    self._stats_base[k] = self._stats_base.get(k, 0) + after[k] - before[k]
+            self._session = True
+            self._checkpointer.start()  # type: ignore[union-attr]
+            if self.config.sync == "interval":
+                self._flusher = threading.Thread(target=self._flush_loop,
+                                                 name="walstate-flusher", daemon=True)
+                self._flusher.start()
+            if self._failed is None:
+                self._writable = True
 
     def _initialize(self) -> dict:
         """Creates a new data directory (the marker last, atomically)."""
@@ -342,6 +366,12 @@ class Engine:
             raise EngineFailedError(
                 f"{self.path}: an earlier write or fsync failed ({self._failed}); writes are "
                 "refused until the directory is reopened") from self._failed
+        if not self._session:
+            try:
+                self._start_session()
+            except EngineFailedError as exc:
+                self._fail(exc)
+                raise
 
     def _fail(self, exc: BaseException) -> None:
         self._writable = False
@@ -665,7 +695,7 @@ class Engine:
                 self._flusher.join()
             if self._checkpointer is not None:
                 self._checkpointer.stop()
-            if self._wal is not None and self._failed is None:
+            if self._wal is not None and self._failed is None and self._session:
                 try:
                     if self._wal_bytes > 0 or self._active or self._frozen:
                         self._checkpointer.run("shutdown")  # type: ignore[union-attr]

@@ -33,6 +33,10 @@ from .wal import LogEnd, WalReader, cut
 
 log = logging.getLogger("walstate")
 
+# Records per call of the C reader (a call never spans two segments): the replay
+# loop in C skips records whose key is written again later in the same call.
+REPLAY_BATCH = 1 << 18
+
 
 def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
               i: int, n: int) -> int:
@@ -92,7 +96,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     # the zero fill of the newest segment; "strict" checks every byte it can
     hint = mode != "strict"
     with WalReader(wal_dir, system_id, snapshot_lsn + 1, end_hint=hint) as reader:
-        for data, n, lsns, types, offs, lens in reader.iter_arrays():
+        for data, n, lsns, types, offs, lens in reader.iter_arrays(REPLAY_BATCH):
             i = 0
             while i < n:
                 # PUT and DELETE records in C (or Python), others one by one here
