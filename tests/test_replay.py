@@ -1,5 +1,6 @@
-"""Recovery's inner loop: the C version (csrc/replay.c) and its Python twin give the
-same table, stop at the same records, and refuse malformed payloads."""
+"""Recovery's inner loop: the C version (walstate._speedups.Replay, csrc/speedups.c)
+and its Python twin give the same table, stop at the same records, and refuse
+malformed payloads."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def test_c_and_python_replay_agree(tmp_path, monkeypatch, seed):
     model = crashed_log(path, random.Random(seed))
     sid = read_marker(Layout(path))["system_id"]
     results = []
-    for impl in (recovery._apply_c, recovery._apply_py):
-        monkeypatch.setattr(recovery, "_apply", impl)
+    for impl in ("c", "py"):
+        monkeypatch.setattr(recovery, "_impl", recovery.IMPLS[impl])
         r = recovery.replay(os.path.join(path, "wal"), system_id=sid, snapshot_lsn=0,
                             mode="strict", read_only=True)
         live = {k: v for k, v in r.table.items() if v is not None}
@@ -69,21 +70,54 @@ def arrays(payloads: list[tuple[int, bytes]]):
             ffi.new("uint8_t[]", [t for t, _ in payloads]), n)
 
 
-@pytest.mark.parametrize("impl", ["_apply_c", "_apply_py"])
+@pytest.mark.parametrize("impl", ["c", "py"])
 def test_stops_at_the_first_other_record(impl):
+    new, apply, as_dict = recovery.IMPLS[impl]
     data, offs, lens, types, n = arrays([
         (codec.PUT, b"\x01\x00ka"), (codec.DELETE, b"gone"), (codec.BATCH, b"\0\0\0\0"),
         (codec.PUT, b"\x01\x00kb")])
-    table: dict[bytes, bytes | None] = {}
-    i = getattr(recovery, impl)(table, data, offs, lens, types, 0, n)
-    assert i == 2 and table == {b"k": b"a", b"gone": None}
-    assert getattr(recovery, impl)(table, data, offs, lens, types, 3, n) == 4
-    assert table[b"k"] == b"b"
+    table = new()
+    i = apply(table, data, offs, lens, types, 0, n)
+    assert i == 2 and as_dict(table) == {b"k": b"a", b"gone": None}
+    assert apply(table, data, offs, lens, types, 3, n) == 4
+    assert as_dict(table)[b"k"] == b"b"
 
 
-@pytest.mark.parametrize("impl", ["_apply_c", "_apply_py"])
+@pytest.mark.parametrize("impl", ["c", "py"])
 @pytest.mark.parametrize("payload", [b"\x05\x00ab", b"\x00\x00v", b"\x01"])
 def test_malformed_put_is_corruption(impl, payload):
+    new, apply, _ = recovery.IMPLS[impl]
     data, offs, lens, types, n = arrays([(codec.PUT, payload)])
     with pytest.raises(CorruptionError):
-        getattr(recovery, impl)({}, data, offs, lens, types, 0, n)
+        apply(new(), data, offs, lens, types, 0, n)
+
+
+def test_the_c_table_matches_a_dict_under_random_updates():
+    """Replay against a dict: keys of every length, values that shrink and grow
+    (moved in the arena), deletes and re-puts, through apply() and r[k] = v,
+    across several growths of the table."""
+    rng = random.Random(3)
+    r = recovery.IMPLS["c"][0]()
+    model: dict[bytes, bytes | None] = {}
+    keys = [rng.randbytes(rng.choice([1, 2, 8, 9, 16, 40])) for _ in range(3000)]
+    for rnd in range(20):
+        payloads = []
+        for _ in range(700):
+            k = rng.choice(keys)
+            if rng.random() < 0.2:
+                payloads.append((codec.DELETE, k))
+                model[k] = None
+            else:
+                v = rng.randbytes(rng.choice([0, 1, 50, 300, 2000]))
+                payloads.append((codec.PUT, len(k).to_bytes(2, "little") + k + v))
+                model[k] = v
+        data, offs, lens, types, n = arrays(payloads)
+        assert recovery.IMPLS["c"][1](r, data, offs, lens, types, 0, n) == n
+        k = rng.choice(keys)
+        r[k] = model[k] = rng.choice([None, b"", b"set" * rnd])
+        assert len(r) == len(model)
+    assert r.table() == model
+    with pytest.raises(TypeError):
+        r["str"] = b"x"
+    with pytest.raises(TypeError):
+        del r[keys[0]]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,15 +34,15 @@ from .wal import LogEnd, WalReader, cut
 
 log = logging.getLogger("walstate")
 
-# Records per call of the C reader (a call never spans two segments): the replay
-# loop in C skips records whose key is written again later in the same call.
-REPLAY_BATCH = 1 << 18
+# Records per call of the C reader (a call never spans two segments).
+REPLAY_BATCH = 1 << 16
 
 
 def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
               i: int, n: int) -> int:
     """PUT and DELETE records i.. into table; the index of the first other record
-    (the Python twin of apply() in csrc/speedups.c, used where that did not build)."""
+    (the Python twin of Replay.apply() in csrc/speedups.c, used where that did not
+    build)."""
     data = memoryview(data)
     while i < n:
         rtype, o, size = types[i], offs[i], lens[i]
@@ -59,16 +60,21 @@ def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any,
     return i
 
 
-def _apply_c(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
-             i: int, n: int) -> int:
+def _apply_c(table: Any, data: Any, offs: Any, lens: Any, types: Any, i: int, n: int) -> int:
+    """_apply_py into a walstate._speedups.Replay (the table kept in C)."""
     try:
-        return _speedups.apply(table, data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
-                             ffi.buffer(types, n), i, n)
+        return table.apply(data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
+                           ffi.buffer(types, n), i, n)
     except ValueError as exc:
         raise CorruptionError(f"WAL payload does not decode: {exc}") from None
 
 
-_apply = _apply_py if _speedups is None else _apply_c
+# (new table, apply records to it, the table as a dict)
+IMPLS: dict[str, tuple[Callable[[], Any], Callable[..., int], Callable[[Any], dict]]] = {
+    "py": (dict, _apply_py, lambda t: t)}
+if _speedups is not None:
+    IMPLS["c"] = (_speedups.Replay, _apply_c, lambda t: t.table())
+_impl = IMPLS["c" if _speedups is not None else "py"]
 
 
 @dataclass
@@ -86,7 +92,8 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     """Reads the WAL after ``snapshot_lsn`` and applies the tail policy of ``mode``."""
     t0 = time.monotonic()
     log.info("recovery: replaying %s from LSN %d (mode %s)", wal_dir, snapshot_lsn + 1, mode)
-    table: dict[bytes, bytes | None] = {}
+    new_table, apply, as_dict = _impl
+    table = new_table()  # key -> value, None for a delete
     records = nbytes = 0
     last = snapshot_lsn
     last_type = 0
@@ -100,7 +107,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
             i = 0
             while i < n:
                 # PUT and DELETE records in C (or Python), others one by one here
-                i = _apply(table, data, offs, lens, types, i, n)
+                i = apply(table, data, offs, lens, types, i, n)
                 if i < n:
                     rtype = types[i]
                     if not rtype & codec.IGNORABLE:
@@ -142,6 +149,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
                 lsn=end.expected_lsn)
         truncated = _cut(wal_dir, end, read_only, "torn tail")
     last = max(last, end.last_lsn, snapshot_lsn)
+    table = as_dict(table)
     seconds = time.monotonic() - t0
     report = {"from_lsn": snapshot_lsn + 1, "to_lsn": last, "records_replayed": records,
               "bytes_replayed": nbytes, "seconds": seconds, "truncated_bytes": truncated,
