@@ -198,3 +198,38 @@ def test_close_while_durable_puts_wait_for_fdatasync_in_c(tmp_path):
         for t, last in acked.items():
             assert again.get(b"t%d-%07d" % (t, last)) == b"v" * 100
             assert again.get(b"t%d-%07d" % (t, 0)) == b"v" * 100
+
+
+def test_batch_ops_collect_operations_and_hand_over_the_rest():
+    c = Calls()
+    b = _speedups.BatchOps(c.slow_put, c.slow_get, 4 + 7 + 1 + 3 + 7 + 1)  # room for two ops
+    assert b.put(b"k", b"abc") is None and b.ops == [(b"k", b"abc")] and b.size == 4 + 11
+    assert b.delete(b"d") is None and b.ops[-1] == (b"d", None) and b.size == 4 + 11 + 8
+    assert c.log == []
+    # over the record limit, other types, wrong arity, a finished batch: the slow paths
+    assert b.put(b"x", b"") == -1 and b.delete(b"y") == "cold"
+    b.size = 4
+    for args in [(b"", b"v"), (b"k" * 512, b"v"), (bytearray(b"k"), b"v"), (b"k", "v"), (b"k",),
+                 (b"k", None)]:
+        assert b.put(*args) == -1
+    assert b.delete(b"") == "cold" and b.delete(b"a", b"b") == "cold"
+    b.done = 1
+    assert b.put(b"k", b"v") == -1 and b.delete(b"k") == "cold"
+    assert len(b.ops) == 2  # none of those were added
+    assert [x[0] for x in c.log] == ["put", "get"] + ["put"] * 6 + ["get"] * 2 + ["put", "get"]
+
+
+def test_engine_batch_errors_through_the_c_path(tmp_path):
+    with walstate.open(str(tmp_path / "db"), sync="none") as db:
+        with db.batch() as b:
+            b.put(b"a", b"1")
+            b.put(bytearray(b"b"), memoryview(b"2"))  # converted by the Python path
+            b.delete(b"gone")
+            with pytest.raises(TypeError):
+                b.delete("str")
+            with pytest.raises(ValueError, match="1..511"):
+                b.put(b"", b"v")
+            assert b._size == 4 + (7 + 2) * 2 + 7 + 4  # the refused ones not counted
+        with pytest.raises(walstate.ClosedError):
+            b.put(b"late", b"x")
+        assert db.get(b"a") == b"1" and db.get(b"b") == b"2" and db.get(b"late") is None

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from . import _testing, codec
@@ -76,10 +77,10 @@ class _PyHot:
         pass
 
 
-def _hot_field(name: str, doc: str) -> Any:
-    """An Engine attribute kept in its hot-path object (a field of Hot)."""
-    return property(lambda self: getattr(self._hot, name),
-                    lambda self, v: setattr(self._hot, name, v), doc=doc)
+def _field(holder: str, name: str, doc: str) -> Any:
+    """An attribute kept in a C object's field (``self.<holder>.<name>``)."""
+    return property(lambda self: getattr(getattr(self, holder), name),
+                    lambda self, v: setattr(getattr(self, holder), name, v), doc=doc)
 
 
 class _ClosedTable:
@@ -97,12 +98,22 @@ class Batch:
     without an exception; nothing is visible before. ``lsn`` is set after exit
     (None for an empty batch)."""
 
+    # the state lives in self._b (walstate._speedups.BatchOps: put and delete in C,
+    # calling the methods below for everything out of the ordinary)
+    _ops = _field("_b", "ops", "the operations: (key, value or None)")
+    _size = _field("_b", "size", "their payload bytes")
+    _done = _field("_b", "done", "committed or discarded")
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._ops: list[tuple[bytes, bytes | None]] = []
-        self._size = 4
-        self._done = False
         self.lsn: int | None = None
+        put, delete = Batch.put.__get__(self), Batch.delete.__get__(self)
+        if _speedups is not None:
+            self._b: Any = _speedups.BatchOps(put, delete, codec.MAX_RECORD)
+            self.put = self._b.put  # type: ignore[method-assign]
+            self.delete = self._b.delete  # type: ignore[method-assign]
+        else:  # pragma: no cover - a build without the speedups extension
+            self._b = SimpleNamespace(ops=[], size=4, done=0)
 
     def _add(self, key: bytes, value: bytes | None) -> None:
         if self._done:
@@ -148,13 +159,13 @@ class Engine:
 
     # The state of the hot path lives in self._hot (walstate._speedups.Hot): its
     # put and get serve the common case in C and call the methods below for the rest.
-    _active = _hot_field("table", "the in-memory table of changes since the last freeze")
-    _last_lsn = _hot_field("last_lsn", "LSN of the last write")
-    _wal_bytes = _hot_field("wal_bytes", "record bytes appended since open")
-    _frozen_bytes = _hot_field("frozen_bytes", "_wal_bytes when the last table was frozen")
-    _writable = _hot_field("writable", "open, writable and not failed")
-    _sync_always = _hot_field("sync_always", "every put waits for durability")
-    _frozen = _hot_field("frozen", "the tables being checkpointed, newest first")
+    _active = _field("_hot", "table", "the in-memory table of changes since the last freeze")
+    _last_lsn = _field("_hot", "last_lsn", "LSN of the last write")
+    _wal_bytes = _field("_hot", "wal_bytes", "record bytes appended since open")
+    _frozen_bytes = _field("_hot", "frozen_bytes", "_wal_bytes when the last table was frozen")
+    _writable = _field("_hot", "writable", "open, writable and not failed")
+    _sync_always = _field("_hot", "sync_always", "every put waits for durability")
+    _frozen = _field("_hot", "frozen", "the tables being checkpointed, newest first")
 
     def __init__(self, path: str | os.PathLike[str], config: Config,
                  clock: Callable[[], float] | None = None) -> None:
