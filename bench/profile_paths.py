@@ -3,7 +3,8 @@ operation (best of several runs, this process only; not a test).
 
 Each line adds one layer to the one above it, so the differences are the cost
 of that layer: the loop itself, the cffi call into wal_put, the Wal wrapper,
-Engine.put (lock, memtable, counters, acknowledge); then the get path: dict,
+Engine.put (in C: walstate._speedups.Hot -- the append without a cffi crossing,
+the memtable, the counters); then the get path: dict,
 Engine.get from the memtable, py-lmdb's txn-per-get, Engine.get from the
 snapshot. Run: python bench/profile_paths.py [N]
 For a sampling profile of the same loops: pyinstrument bench/profile_paths.py
