@@ -69,6 +69,8 @@ def test_seed_corpus_is_valid_wal(tmp_path):
     for seed in seeds:
         data = seed.read_bytes()
         assert len(data) <= 8192 and data[:8] == b"WALSTSEG", seed.name
+        data, magic, end_file = data.partition(b"WALSTEND")  # the wal/END part, if any
+        assert bool(magic) == (seed.name == "end_hint") == bool(end_file), seed.name
         d = tmp_path / seed.name
         d.mkdir()
         parts = [p for p in data.split(b"WALSTSEG") if p]
