@@ -233,3 +233,38 @@ def test_engine_batch_errors_through_the_c_path(tmp_path):
         with pytest.raises(walstate.ClosedError):
             b.put(b"late", b"x")
         assert db.get(b"a") == b"1" and db.get(b"b") == b"2" and db.get(b"late") is None
+
+
+def test_the_first_writes_after_a_clean_reopen_start_one_session(tmp_path):
+    """After a clean close an open writes nothing; the first writes -- from
+    several threads at once -- start the session (one SESSION record, synced)
+    exactly once, and stats() counts only the writes."""
+    path = str(tmp_path / "db")
+    with walstate.open(path) as db:
+        db.put(b"seed", b"0")
+    wal = tmp_path / "db" / "wal"
+    before = {p.name: p.read_bytes() for p in wal.iterdir()}
+    db = walstate.open(path, sync="always")
+    assert db.get(b"seed") == b"0"
+    assert {p.name: p.read_bytes() for p in wal.iterdir()} == before  # nothing written
+    start = threading.Barrier(4)
+
+    def writer(t: int) -> None:
+        start.wait()
+        for i in range(50):
+            db.put(b"t%d-%d" % (t, i), b"v")
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    st = db.stats()
+    assert st["puts"] == 200 and st["wal_records"] == 200
+    db.close()
+    with WalReader(str(wal)) as r:
+        types = [x.type for x in r]
+    # one SESSION per session that wrote: the first one, and this one
+    assert types.count(codec.SESSION) == 2 and types.count(codec.PUT) == 201
+    with walstate.open(path, read_only=True) as ro:
+        assert ro.get(b"t3-49") == b"v" and ro.get(b"seed") == b"0"

@@ -173,7 +173,9 @@ class Engine:
         self.config = config
         self._layout = Layout(self.path)
         self._clock = clock or time.monotonic
-        self._lock = threading.Lock()        # orders WAL appends with table updates
+        # orders WAL appends with table updates (re-entrant: a write that starts the
+        # session appends its SESSION record under it too)
+        self._lock = threading.RLock()
         hot_args = (Engine.put.__get__(self), self._acknowledge, self._get_cold)
         if _speedups is not None:
             self._hot: Any = _speedups.Hot(*hot_args)
@@ -297,8 +299,11 @@ class Engine:
                 return
             before = self._raw_stats() if counted else {}
             wal = self._wal
-            wal.sync(wal.append(codec.SESSION, b""))  # type: ignore[union-attr]
-            self._last_lsn = wal.stats()["next_lsn"] - 1  # type: ignore[union-attr, operator]
+            with self._locked():  # a close meanwhile waits for the handle
+                if self._closed:
+                    return
+                wal.sync(wal.append(codec.SESSION, b""))  # type: ignore[union-attr]
+                self._last_lsn = wal.stats()["next_lsn"] - 1  # type: ignore[union-attr, operator]
             if counted:
                 after = self._raw_stats()
                 for k in ("wal_records", "wal_bytes_written", "fsyncs", "wal_writes"):
