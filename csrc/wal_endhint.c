@@ -189,16 +189,11 @@ int endhint_load(const char *path, const end_hint_t *h, uint64_t from_lsn, seg_h
 {
     uint8_t hb[WAL_SEG_HDR_SIZE];
     *buf_out = NULL;
-    int fd = h_open(path, O_RDONLY, 0);
-    if (fd < 0)
-        return fd;
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = -errno;
-        close(fd);
-        return e;
-    }
-    uint64_t size = (uint64_t)st.st_size;
+    int fd;
+    uint64_t size;
+    int orc = file_open_sized(path, &fd, &size);
+    if (orc < 0)
+        return orc;
     if (h->end > size || size < WAL_SEG_HDR_SIZE) {
         close(fd);
         return 1;

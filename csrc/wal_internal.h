@@ -92,6 +92,8 @@ int last_write(const char *dir, uint64_t lsn);
 int last_remove(const char *dir);
 /* Reads a file into a malloc'ed buffer, up to where its data ends: *len may be
  * less than the file size (*size_out, if not NULL); the bytes after are zeros. */
+/* Opens path read-only: *fd and its size, or a negative errno (nothing open). */
+int file_open_sized(const char *path, int *fd, uint64_t *size);
 int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out);
 
 /* ---- wal_endhint.c: wal/END, where a cleanly closed log ends ---- */

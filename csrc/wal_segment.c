@@ -346,20 +346,31 @@ static uint64_t data_end(int fd, uint64_t size)
     return end < size ? end : size;
 }
 
+int file_open_sized(const char *path, int *fd, uint64_t *size)
+{
+    *fd = h_open(path, O_RDONLY, 0);
+    if (*fd < 0)
+        return *fd;
+    struct stat st;
+    if (fstat(*fd, &st) < 0) {
+        int e = -errno;
+        close(*fd);
+        *fd = -1;
+        return e;
+    }
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
 int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_out)
 {
     *buf = NULL;
     *len = 0;
-    int fd = h_open(path, O_RDONLY, 0);
-    if (fd < 0)
-        return fd;
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        int e = -errno;
-        close(fd);
-        return e;
-    }
-    uint64_t size = (uint64_t)st.st_size;
+    int fd;
+    uint64_t size;
+    int orc = file_open_sized(path, &fd, &size);
+    if (orc < 0)
+        return orc;
     if (size_out)
         *size_out = size;
     /* bytes past the data are zeros: not read (a 16 MiB segment is mostly that) */
