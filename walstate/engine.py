@@ -65,7 +65,7 @@ class _PyHot:
     def __init__(self, slow_put: Callable[[bytes, bytes], int], ack: Callable[[int], int],
                  slow_get: Callable[..., Any]) -> None:
         self.table: Any = {}
-        self.writable = self.sync_always = self.busy = 0
+        self.writable = self.sync_always = self.busy = self.in_sync = 0
         self.last_lsn = self.puts = self.wal_bytes = self.frozen_bytes = 0
         self.threshold = (1 << 63) - 1
         self.frozen: Any = ()
@@ -73,7 +73,7 @@ class _PyHot:
         self.put = slow_put
         self.get = slow_get
 
-    def set_wal(self, fn: int, wal: int) -> None:
+    def set_wal(self, *addresses: int) -> None:
         pass
 
 
