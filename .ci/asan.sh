@@ -20,9 +20,9 @@ if [ "${KEEP:-0}" != 1 ]; then
 fi
 
 # 1. the pure-Python package, without its compiled module
-mkdir -p "$BUILD/pkg/walstate"
-cp "$REPO"/walstate/*.py "$REPO"/walstate/py.typed "$BUILD/pkg/walstate/"
-cp -r "$REPO/walstate/_crashsim" "$BUILD/pkg/walstate/"
+mkdir -p "$BUILD/pkg"
+cp -r "$REPO/walstate" "$BUILD/pkg/walstate"
+find "$BUILD/pkg/walstate" \( -name '*.so' -o -name __pycache__ \) -prune -exec rm -rf {} +
 
 # 2. the sanitized extension, compiled with cffi in $BUILD/obj (cffi compiles from
 #    inside its tmpdir, where build_ffi.py's relative csrc/ paths must resolve)

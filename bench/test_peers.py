@@ -16,8 +16,7 @@ import os
 import pytest
 from conftest import record
 
-from walstate import benchpeers as peers
-from walstate.benchmark import Data, Sizes
+from walstate.benchmark import Data, Sizes, peers
 
 DATA = Data(Sizes(keys=20000))
 N = {"durable": 200, "fast": 20000}

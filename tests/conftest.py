@@ -137,13 +137,13 @@ def wal_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def hooks() -> Iterator[object]:
-    """walstate._testing, with every fault and kill point cleared afterwards."""
-    from walstate import _testing
+    """walstate._hooks, with every fault and kill point cleared afterwards."""
+    from walstate import _hooks
 
-    _testing.clear()
-    yield _testing
-    _testing.clear()
-    _testing.sync_trace("")
+    _hooks.clear()
+    yield _hooks
+    _hooks.clear()
+    _hooks.sync_trace("")
 
 
 # ---- a size-limited tmpfs ---------------------------------------------------

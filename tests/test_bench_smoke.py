@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from walstate import benchmark
-from walstate.benchpeers import frame
+from walstate.benchmark.peers import frame
 
 SMALL = ["--ops", "20", "--records", "5000", "--max-wal-mib", "2"]
 

@@ -16,7 +16,7 @@ import pytest
 import walstate
 from walstate.wal import list_segments
 
-CLI = [sys.executable, "-m", "walstate.cli"]
+CLI = [sys.executable, "-m", "walstate.ops.cli"]
 
 
 def run(*args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:

@@ -23,13 +23,13 @@ from collections import Counter
 import pytest
 
 import walstate
-from walstate import _testing
+from walstate import _hooks
 from walstate.testing import History, check_recovered
 
 KiB = 1024
 SEG = 64 * KiB
 OPTS = {"segment_size": SEG, "max_wal_size": 64 * 1024 * KiB, "checkpoint_timeout": 3600.0}
-FAULT_OPS = tuple(_testing.OPS)        # write fdatasync fallocate rename unlink open read
+FAULT_OPS = tuple(_hooks.OPS)        # write fdatasync fallocate rename unlink open read
 SCENARIOS = ("put", "batch", "sync", "checkpoint", "close", "open")
 DOCUMENTED = (walstate.WalStateError, OSError)
 
@@ -102,7 +102,7 @@ def run_case(template, op: str, nth: int, persistent: bool, scenario: str,
     shutil.copytree(src, path)
     sync = "none" if scenario == "sync" else "always"
     rec = Recorder()
-    _testing.clear()
+    _hooks.clear()
     db = None
     outcome = "completed"
     try:
@@ -112,7 +112,7 @@ def run_case(template, op: str, nth: int, persistent: bool, scenario: str,
                 rec.write(db, o)
             db._abandon()
             db = None
-            _testing.fault(op, nth, errno.EIO, persistent)
+            _hooks.fault(op, nth, errno.EIO, persistent)
             try:
                 db = walstate.open(path, sync=sync, **OPTS)
             except DOCUMENTED as exc:
@@ -122,7 +122,7 @@ def run_case(template, op: str, nth: int, persistent: bool, scenario: str,
             if scenario in ("checkpoint", "close", "sync"):
                 for o in _puts(30, "pre"):
                     rec.write(db, o)
-            _testing.fault(op, nth, errno.EIO, persistent)
+            _hooks.fault(op, nth, errno.EIO, persistent)
             try:
                 if scenario == "put":
                     for o in _puts(30, "put"):
@@ -141,9 +141,9 @@ def run_case(template, op: str, nth: int, persistent: bool, scenario: str,
                     rec.durable()
             except DOCUMENTED as exc:
                 outcome = type(exc).__name__
-        fired = _testing.calls(op) >= nth
+        fired = _hooks.calls(op) >= nth
     finally:
-        _testing.clear()
+        _hooks.clear()
     if db is not None and scenario != "close":
         if outcome == "EngineFailedError" or db.info()["failed"]:
             with pytest.raises(walstate.EngineFailedError):
@@ -231,13 +231,13 @@ def test_write_eio_poisons_and_nothing_is_acknowledged_after(template):
                 with mu:
                     acked[k] = b"v" * 500
 
-        _testing.fault("fdatasync", 20, errno.EIO, False)
+        _hooks.fault("fdatasync", 20, errno.EIO, False)
         ts = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
-        _testing.clear()
+        _hooks.clear()
         assert errors and all(isinstance(e, walstate.EngineFailedError) for e in errors)
         with pytest.raises(walstate.EngineFailedError):
             db.put(b"x", b"y")
@@ -248,7 +248,7 @@ def test_write_eio_poisons_and_nothing_is_acknowledged_after(template):
         assert not missing, f"{len(missing)} acknowledged writes lost, e.g. {missing[:3]}"
         assert len(acked) >= 15  # the 20th fdatasync failed: earlier puts were acknowledged
     finally:
-        _testing.clear()
+        _hooks.clear()
         shutil.rmtree(work, ignore_errors=True)
 
 

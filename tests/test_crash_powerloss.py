@@ -1,4 +1,4 @@
-"""Simulated power loss (walstate.crashsim + the oracle of walstate.testing).
+"""Simulated power loss (walstate.testing.crashsim + the oracle of walstate.testing).
 
 The workload runs in a child process under the LD_PRELOAD tracer; crash
 states are rebuilt from the trace (durable only, random subset of unsynced
@@ -25,8 +25,7 @@ import textwrap
 import pytest
 
 import walstate
-from walstate import crashsim
-from walstate.testing import crash_check, mixed_workload
+from walstate.testing import crash_check, crashsim, mixed_workload
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux" or shutil.which("gcc") is None,
                                 reason="the tracer is an LD_PRELOAD library built with gcc")

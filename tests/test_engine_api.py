@@ -32,7 +32,7 @@ from enginehelpers import (
 )
 
 import walstate
-from walstate import _testing
+from walstate import _hooks
 
 MAX_VALUE = 64 * MiB
 SMALL = {"segment_size": 64 * KiB, "max_wal_size": 64 * KiB}
@@ -46,7 +46,7 @@ def path(tmp_path):
 @pytest.fixture(autouse=True)
 def _no_faults():
     yield
-    _testing.clear()
+    _hooks.clear()
 
 
 def fill(db, n: int, prefix: bytes = b"k", size: int = 100) -> dict[bytes, bytes]:
@@ -948,10 +948,10 @@ def test_eio_fails_the_engine_until_reopened(path, op):
         model = fill(db, 30)
         db.checkpoint()
         model.update(fill(db, 10, prefix=b"m"))
-        _testing.fault(op, 1, errno.EIO)
+        _hooks.fault(op, 1, errno.EIO)
         with pytest.raises(walstate.EngineFailedError):
             db.put(b"doomed", b"x")
-        _testing.clear()
+        _hooks.clear()
         for call in (lambda: db.put(b"a", b"1"), lambda: db.delete(b"k0001"), db.batch,
                      db.checkpoint):
             with pytest.raises(walstate.EngineFailedError):

@@ -172,7 +172,7 @@ def test_sigkill_campaign_1000_kills(tmp_path):
 CKPT_VICTIM = r"""
 import sys
 import walstate, walstate.checkpoint
-from walstate import _testing
+from walstate import _hooks
 from enginehelpers import op_to_json, run_op
 
 walstate.checkpoint.CHUNK_KEYS = 2  # many chunks
@@ -194,7 +194,7 @@ for i in range(20):
     do(("P", b"n%02d" % i, b"c%02d" % i * 700))
 do(("B", [("P", b"batch", b"x"), ("D", b"k00"), ("P", b"k03", b"batched")]))
 print("ARMED", flush=True)
-_testing.killpoint(point, nth)
+_hooks.killpoint(point, nth)
 db.checkpoint()
 print("SURVIVED", flush=True)
 """

@@ -29,10 +29,10 @@ from enginehelpers import (
 )
 
 import walstate
-from walstate import cli
+from walstate.ops import cli
 from walstate.wal import list_segments
 
-CLI = [sys.executable, "-m", "walstate.cli"]
+CLI = [sys.executable, "-m", "walstate.ops.cli"]
 SEG = 65536
 
 
@@ -260,7 +260,7 @@ def test_doctor_warns_about_broken_files_and_torn_tail(tmp_path: Path, capsys) -
 
 
 def test_doctor_names_filesystem_type(tmp_path: Path) -> None:
-    from walstate.doctor import filesystem_type
+    from walstate.ops.doctor import filesystem_type
 
     fstype, mnt = filesystem_type(str(tmp_path / "not" / "yet"))
     assert fstype != "unknown" and str(tmp_path).startswith(mnt)
@@ -542,7 +542,7 @@ def test_metrics_endpoint_scraped_and_parsed(tmp_path: Path) -> None:
     pytest.importorskip("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
-    from walstate import metrics
+    from walstate.ops import metrics
 
     with walstate.open(tmp_path / "db") as db:
         server = metrics.serve(db, 0)

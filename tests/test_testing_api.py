@@ -112,10 +112,10 @@ def test_crashtest_bad_usage_exits_2(capsys):
 
 
 def test_walstate_crashtest_on_the_command_line(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "walstate.cli", "crashtest", "--help"],
+    p = subprocess.run([sys.executable, "-m", "walstate.ops.cli", "crashtest", "--help"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and "--runs" in p.stdout
-    p = subprocess.run([sys.executable, "-m", "walstate.cli", "crashtest", str(tmp_path),
+    p = subprocess.run([sys.executable, "-m", "walstate.ops.cli", "crashtest", str(tmp_path),
                         "--runs", "1", "--states", "3", "--seed", "4"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -701,7 +701,7 @@ KP_PER_SEG = (4096 - SEG_HDR) // (REC_HDR + KP_SIZE)
 
 KILL_CHILD = textwrap.dedent("""
     import sys
-    import walstate._testing  # arms WALSTATE_KILLPOINT
+    import walstate._hooks  # arms WALSTATE_KILLPOINT
     from walstate.wal import Wal
     d, n, remove = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     w = Wal(d, system_id=int(sys.argv[4]), segment_size=4096)
@@ -787,7 +787,7 @@ def test_kill_during_removal_leaves_a_contiguous_log(tmp_path, wal_dir, point, n
 
 THREADS_CHILD = textwrap.dedent("""
     import sys, threading
-    import walstate._testing  # arms WALSTATE_SYNC_TRACE
+    import walstate._hooks  # arms WALSTATE_SYNC_TRACE
     from walstate._native import ffi, lib
     from walstate.wal import Wal
     w = Wal(sys.argv[1], system_id=int(sys.argv[2]), segment_size=65536)

@@ -169,31 +169,31 @@ def test_no_end_hint_without_a_record_in_the_segment(wal_dir) -> None:
 
 
 def test_a_failing_end_write_leaves_no_end_and_close_succeeds(wal_dir) -> None:
-    from walstate import _testing
+    from walstate import _hooks
     w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
     w.append(codec.DELETE, b"x")
     w.sync()
-    _testing.fault("rename", 1, persistent=True)
+    _hooks.fault("rename", 1, persistent=True)
     try:
         w.close()
     finally:
-        _testing.clear()
+        _hooks.clear()
     assert not os.path.exists(end_path(wal_dir))
     assert not os.path.exists(end_path(wal_dir) + ".tmp")
     assert read(wal_dir)[1].last_lsn == 1
 
 
 def test_an_end_that_cannot_be_removed_fails_the_first_append(wal_dir) -> None:
-    from walstate import _testing
+    from walstate import _hooks
     build_wal(wal_dir, 5)
     raw = open(end_path(wal_dir), "rb").read()
     w = Wal(str(wal_dir), system_id=SYSTEM_ID, segment_size=SMALL_SEGMENT)
-    _testing.fault("unlink", 1, persistent=True)
+    _hooks.fault("unlink", 1, persistent=True)
     try:
         with pytest.raises(OSError):
             w.append(codec.DELETE, b"refused")
     finally:
-        _testing.clear()
+        _hooks.clear()
     assert open(end_path(wal_dir), "rb").read() == raw  # nothing appended, END intact
     assert w.append(codec.DELETE, b"now") == 6  # the next append removes it first
     assert not os.path.exists(end_path(wal_dir))

@@ -92,7 +92,7 @@ class CheckpointInfo:
 
 
 def _kill(name: str) -> None:
-    """Named kill point of the Python layer (see walstate._testing)."""
+    """Named kill point of the Python layer (see walstate._hooks)."""
     if _killpoint is not None:
         _killpoint(name)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from . import _testing, codec
+from . import _hooks, codec
 from ._native import speedups as _speedups
 from .archive import Archiver
 from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
@@ -247,7 +247,7 @@ class Engine:
             raise CorruptionError(f"the WAL directory {lay.wal} is missing", path=lay.wal)
         rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
                      mode=cfg.recovery, read_only=ro)
-        _testing.hit("recovery_after_replay")
+        _hooks.hit("recovery_after_replay")
         self._recovery = rec.report
         self._active = rec.table
         self._last_lsn = rec.last_lsn

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import _testing, codec
+from . import _hooks, codec
 from ._native import ffi, lib
 from ._native import speedups as _speedups
 from .errors import CorruptionError, MismatchError
@@ -169,7 +169,7 @@ def _cut(wal_dir: str, end: LogEnd, read_only: bool, what: str) -> int:
                     end.path, end.offset, end.cut_bytes)
         return end.cut_bytes
     n = cut(wal_dir, end.segment, end.offset)
-    _testing.hit("recovery_after_cut")
+    _hooks.hit("recovery_after_cut")
     log.warning("recovery: cut %s in %s at offset %d: %d bytes kept in .broken file(s)", what,
                 end.path, end.offset, n)
     return n

@@ -44,9 +44,9 @@ from typing import Any
 
 import lmdb
 
-from .archive import archived_segments, check_archive_dir, copy_durable, read_status
-from .errors import CorruptionError, WalStateError
-from .layout import (
+from ..archive import archived_segments, check_archive_dir, copy_durable, read_status
+from ..errors import CorruptionError, WalStateError
+from ..layout import (
     MARKER,
     Layout,
     fsync_dir,
@@ -56,9 +56,9 @@ from .layout import (
     read_marker,
     write_atomic,
 )
+from ..snapshot import Snapshot
+from ..wal import LogEnd, WalReader, cut, list_segments, segment_name
 from .progress import Progress
-from .snapshot import Snapshot
-from .wal import LogEnd, WalReader, cut, list_segments, segment_name
 
 log = logging.getLogger("walstate")
 
@@ -212,7 +212,7 @@ def _backup_once(src: Layout, dest: str, system_id: int, progress: Progress) -> 
         break
     notes = []
     if end.status == "error":
-        from ._native import lib
+        from .._native import lib
 
         if end.rc == lib.WAL_EGAP:
             raise _Retry("the copied WAL does not reach back to the snapshot")
@@ -365,7 +365,7 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
         assert end is not None
         lsn = max(end.last_lsn, snap_lsn)
         if end.status != "clean":
-            from ._native import strerror
+            from .._native import strerror
 
             why = "torn tail" if end.status == "torn" else strerror(end.rc)
             if not end.path or end.last_lsn < int(label.get("lsn") or 0):

@@ -1,6 +1,6 @@
 """The ``walstate`` command: info, dump, verify, checkpoint, repair, doctor,
 backup, restore, bench, demo. The work of repair, doctor, backup and restore
-lives in walstate/repair.py, doctor.py and backup.py; this is the dispatcher.
+lives in walstate/ops/repair.py, doctor.py and backup.py; this is the dispatcher.
 
 Exit codes: 0 success, 1 a failure the command reports (corruption, locked,
 ...), 2 bad usage.
@@ -16,11 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import codec
-from .errors import WalStateError
-from .layout import Layout, lock_is_held, read_json, read_lock_holder, read_marker
+from .. import codec
+from ..errors import WalStateError
+from ..layout import Layout, lock_is_held, read_json, read_lock_holder, read_marker
+from ..wal import WalReader, list_segments
 from .progress import Progress
-from .wal import WalReader, list_segments
 
 
 def _jsonable(obj: Any) -> Any:
@@ -53,7 +53,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     info["locked"] = lock_is_held(lay)
     info["backup_label"] = read_json(lay.backup_label)
     if info.get("archive") is None:
-        from .archive import read_status
+        from ..archive import read_status
 
         info["archive"] = read_status(lay)
     info["lock_holder"] = read_lock_holder(lay) if info["locked"] else None
@@ -170,7 +170,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _end_text(end: Any) -> str:
-    from ._native import strerror
+    from .._native import strerror
 
     if end.status == "clean":
         return f"clean end after LSN {end.last_lsn}"
@@ -186,8 +186,8 @@ def _end_text(end: Any) -> str:
 # ---- verify -----------------------------------------------------------------
 def verify(path: str, progress: Progress | None = None) -> list[str]:
     """Every problem found in the directory at ``path`` (empty: clean)."""
-    from .errors import CorruptionError, MismatchError
-    from .snapshot import Snapshot
+    from ..errors import CorruptionError, MismatchError
+    from ..snapshot import Snapshot
 
     lay = _require_dir(path)
     problems: list[str] = []
@@ -296,8 +296,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from ..config import Config
     from . import doctor
-    from .config import Config
 
     opts = {k: v for k, v in (("max_wal_size", args.max_wal_size),
                               ("map_size", args.map_size)) if v is not None}
@@ -353,13 +353,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import benchmark
+    from .. import benchmark
 
     return benchmark.main(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from .. import demo
 
     return demo.main(args.rest)
 
@@ -467,11 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options (and --help)
-        from . import demo
+        from .. import demo
 
         return int(demo.main(argv[1:]) or 0)
     if argv[:1] == ["crashtest"]:  # walstate.testing parses its own options (and --help)
-        from .testing import crashtest_main
+        from ..testing import crashtest_main
 
         return crashtest_main(argv[1:])
     parser = build_parser()

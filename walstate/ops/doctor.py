@@ -9,10 +9,10 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from .archive import read_status
-from .config import Config
-from .errors import WalStateError
-from .layout import Layout, lock_is_held, read_lock_holder, read_marker
+from ..archive import read_status
+from ..config import Config
+from ..errors import WalStateError
+from ..layout import Layout, lock_is_held, read_lock_holder, read_marker
 from .repair import broken_files
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
@@ -97,7 +97,7 @@ def _check_writable(lay: Layout) -> Check:
 
 
 def _segments(lay: Layout) -> list[tuple[int, str]]:
-    from .wal import list_segments
+    from ..wal import list_segments
 
     return list_segments(lay.wal)
 

@@ -2,7 +2,7 @@
 
 ::
 
-    from walstate import metrics
+    from walstate.ops import metrics
     server = metrics.serve(db, 9464)          # http://127.0.0.1:9464/metrics
     ...
     server.close()
@@ -32,10 +32,10 @@ try:
     )
     from prometheus_client.registry import Collector
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError("walstate.metrics needs prometheus-client: pip install "
+    raise ImportError("walstate.ops.metrics needs prometheus-client: pip install "
                       "'walstate[metrics]'") from exc
 
-from .errors import ClosedError
+from ..errors import ClosedError
 
 FSYNC_BUCKETS = 32  # wal.h WAL_FSYNC_BUCKETS: bucket b holds [2^b, 2^(b+1)) microseconds
 PUT_BUCKETS = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,

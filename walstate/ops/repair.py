@@ -30,11 +30,11 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 
-from ._native import lib, strerror
-from .errors import CorruptionError, WalStateError
-from .layout import DirLock, Layout, lock_is_held, read_lock_holder, read_marker
-from .snapshot import Snapshot
-from .wal import LogEnd, WalReader, cut, list_segments
+from .._native import lib, strerror
+from ..errors import CorruptionError, WalStateError
+from ..layout import DirLock, Layout, lock_is_held, read_lock_holder, read_marker
+from ..snapshot import Snapshot
+from ..wal import LogEnd, WalReader, cut, list_segments
 
 
 @dataclass

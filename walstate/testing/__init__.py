@@ -22,7 +22,7 @@ reported to the trace before it starts and after it returns. From the trace
 the harness rebuilds the disk states a power cut could leave at many points
 (unsynced data dropped, a random subset kept, the last write torn at 512-byte
 sectors, grown files zero- or garbage-filled, directory entries never
-fsynced undone: see :mod:`walstate.crashsim`), opens walstate on each, and
+fsynced undone: see :mod:`walstate.testing.crashsim`), opens walstate on each, and
 checks the oracle:
 
 * it opens (a legitimate crash state never needs repair by hand);

@@ -1,6 +1,6 @@
 /* crashsim: an LD_PRELOAD library that records, into a trace file, every call
- * that changes files under one directory tree, so that walstate.crashsim can
- * rebuild the disk states a power loss could leave (walstate/crashsim.py reads
+ * that changes files under one directory tree, so that walstate.testing.crashsim can
+ * rebuild the disk states a power loss could leave (walstate/testing/crashsim.py reads
  * the trace; docs/RELIABILITY.md says how it is used).
  *
  * Environment (read once, at load):
