@@ -26,10 +26,12 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "`pip install .` imports the unbuilt source tree; run plain `pytest`)"
     ) from exc
 
-try:  # the engine's hot path in C (csrc/speedups.c); every user has a Python twin
+try:  # the engine's hot path, recovery's table and the fold's sort in C (csrc/speedups*)
     from . import _speedups as speedups
-except ImportError:  # pragma: no cover - a build without the speedups extension
-    speedups = None  # type: ignore[assignment]
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "walstate's C extension walstate._speedups is not built: install with "
+        "`pip install .` or `pip install -e .`") from exc
 
 __all__ = ["ffi", "lib", "raise_for", "speedups", "strerror"]
 

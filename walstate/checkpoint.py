@@ -15,7 +15,6 @@ already folded hold final values, and replaying PUT/DELETE is idempotent.
 
 from __future__ import annotations
 
-import heapq
 import logging
 import threading
 import time
@@ -34,7 +33,6 @@ log = logging.getLogger("walstate")
 
 REASONS = ("manual", "timeout", "wal_size", "shutdown", "recovery")
 CHUNK_KEYS = 4096  # keys per LMDB transaction of a checkpoint
-SORT_RUN = 8192  # keys sorted at once (a short hold of the GIL) before a lazy merge
 
 
 def _take(it: Iterator[Any], n: int) -> list[Any]:
@@ -51,20 +49,8 @@ def _take(it: Iterator[Any], n: int) -> list[Any]:
 
 
 def _sorted_lazily(table: dict[bytes, bytes | None]) -> Iterator[tuple[bytes, bytes | None]]:
-    """The items of ``table`` in key order, without holding the GIL for long: in C
-    (the sort itself without the GIL) or, without the speedups extension, as runs
-    sorted separately, then merged."""
-    if _speedups is not None:
-        return iter(_speedups.sorted_items(table))
-    it = iter(table.items())
-    runs = []
-    while run := list(islice(it, SORT_RUN)):
-        run.sort()
-        runs.append(run)
-        time.sleep(0)
-    if len(runs) == 1:
-        return iter(runs[0])
-    return heapq.merge(*runs)
+    """The items of ``table`` in key order, sorted in C without the GIL."""
+    return iter(_speedups.sorted_items(table))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from .errors import ConfigError
 
 MiB = 1024 * 1024
+__all__ = ["RECOVERY_MODES", "SYNC_MODES", "Config"]
+
 SYNC_MODES = ("always", "interval", "none")
 RECOVERY_MODES = ("tolerate_tail", "strict", "point_in_time")
 

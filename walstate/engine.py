@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from types import SimpleNamespace
 from typing import Any
 
 from . import _hooks, codec
@@ -46,35 +45,13 @@ from .wal import Wal, WalReader, list_segments
 log = logging.getLogger("walstate")
 
 _MISSING = object()
-REC_OVERHEAD = 28  # WAL record header bytes (docs/FORMAT.md)
+REC_OVERHEAD = codec.REC_HEADER
 # After an unclean shutdown, LSNs restart this far above the last one on disk:
 # a put under sync="none"/"interval" may have returned an LSN that the crash
 # lost, and LSNs are never reused.
 LSN_SKIP_AFTER_CRASH = 1 << 32
 # A recovery that replayed more keys than this checkpoints in the background.
 RECOVERY_CHECKPOINT_INLINE_KEYS = 50_000
-
-
-_encode_batch = codec.encode_batch if _speedups is None else _speedups.encode_batch
-
-
-class _PyHot:
-    """Stands in for walstate._speedups.Hot where that did not build: the same
-    state, and put/get are the engine's general paths."""
-
-    def __init__(self, slow_put: Callable[[bytes, bytes], int], ack: Callable[[int], int],
-                 slow_get: Callable[..., Any]) -> None:
-        self.table: Any = {}
-        self.writable = self.sync_always = self.busy = self.in_sync = 0
-        self.last_lsn = self.puts = self.wal_bytes = self.frozen_bytes = 0
-        self.threshold = (1 << 63) - 1
-        self.frozen: Any = ()
-        self.snap_get: Any = None
-        self.put = slow_put
-        self.get = slow_get
-
-    def set_wal(self, *addresses: int) -> None:
-        pass
 
 
 def _field(holder: str, name: str, doc: str) -> Any:
@@ -108,12 +85,9 @@ class Batch:
         self._engine = engine
         self.lsn: int | None = None
         put, delete = Batch.put.__get__(self), Batch.delete.__get__(self)
-        if _speedups is not None:
-            self._b: Any = _speedups.BatchOps(put, delete, codec.MAX_RECORD)
-            self.put = self._b.put  # type: ignore[method-assign]
-            self.delete = self._b.delete  # type: ignore[method-assign]
-        else:  # pragma: no cover - a build without the speedups extension
-            self._b = SimpleNamespace(ops=[], size=4, done=0)
+        self._b: Any = _speedups.BatchOps(put, delete, codec.MAX_RECORD)
+        self.put = self._b.put  # type: ignore[method-assign]
+        self.delete = self._b.delete  # type: ignore[method-assign]
 
     def _add(self, key: bytes, value: bytes | None) -> None:
         if self._done:
@@ -177,12 +151,9 @@ class Engine:
         # session appends its SESSION record under it too)
         self._lock = threading.RLock()
         hot_args = (Engine.put.__get__(self), self._acknowledge, self._get_cold)
-        if _speedups is not None:
-            self._hot: Any = _speedups.Hot(*hot_args)
-            self.put = self._hot.put  # type: ignore[method-assign]
-            self.get = self._hot.get  # type: ignore[method-assign]
-        else:  # pragma: no cover - a build without the speedups extension
-            self._hot = _PyHot(*hot_args)
+        self._hot: Any = _speedups.Hot(*hot_args)
+        self.put = self._hot.put  # type: ignore[method-assign]
+        self.get = self._hot.get  # type: ignore[method-assign]
         self._close_mu = threading.Lock()
         self._session_mu = threading.Lock()
         self._session = False  # the log marked in use (_start_session)
@@ -418,7 +389,7 @@ class Engine:
         for the rest -- other key types, errors, an append that must wait.)"""
         if not self._writable:
             self._check_write()
-        if type(key) is not bytes or not 0 < len(key) <= 511:
+        if type(key) is not bytes or not 0 < len(key) <= codec.MAX_KEY:
             key = codec.as_key(key)
         if type(value) is not bytes or len(value) > codec.MAX_VALUE:
             value = codec.as_value(value)
@@ -452,7 +423,7 @@ class Engine:
 
     def _commit_batch(self, ops: list[tuple[bytes, bytes | None]]) -> int:
         self._check_write()
-        return self._commit(codec.BATCH, _encode_batch(ops), ops, "batches")
+        return self._commit(codec.BATCH, _speedups.encode_batch(ops), ops, "batches")
 
     def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str) -> int:
         """Appends one record holding ``ops`` and applies them (the general put())."""
@@ -520,22 +491,15 @@ class Engine:
     def get(self, key: bytes, default: Any = None) -> Any:
         """The latest committed value of ``key``, or ``default``.
 
-        (A key written since the last checkpoint is served in C by
-        walstate._speedups.Hot.get, which calls _get_cold for the rest.)"""
-        # Fast path: a key written since the last checkpoint. (After close the table
-        # is a _ClosedTable, whose get raises ClosedError.)
-        try:
-            v = self._active.get(key, _MISSING)
-        except TypeError:  # an unhashable buffer (bytearray...): converted below
-            v = _MISSING
-        if v is _MISSING:
-            return self._get_cold(key, default)
-        return default if v is None else v
+        (Served in C: open() binds the instance's ``get`` to
+        walstate._speedups.Hot.get, which calls _get_cold for keys not written
+        since the last checkpoint.)"""
+        return self._hot.get(key, default)
 
     def _get_cold(self, key: Any, default: Any = None) -> Any:
         if self._closed:
             raise ClosedError(f"walstate engine for {self.path} is closed")
-        if type(key) is not bytes or not 0 < len(key) <= 511:
+        if type(key) is not bytes or not 0 < len(key) <= codec.MAX_KEY:
             key = codec.as_key(key)
             v = self._active.get(key, _MISSING)
             if v is not _MISSING:

@@ -21,6 +21,11 @@ from __future__ import annotations
 import errno as _errno
 
 
+__all__ = ["ClosedError", "ConfigError", "CorruptionError", "DiskFullError",
+           "EngineFailedError", "InvalidTransitionError", "LockedError", "MismatchError",
+           "ReadOnlyError", "WalStateError"]
+
+
 class WalStateError(Exception):
     """Base class of every walstate error."""
 

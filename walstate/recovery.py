@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,43 +37,16 @@ log = logging.getLogger("walstate")
 REPLAY_BATCH = 1 << 16
 
 
-def _apply_py(table: dict[bytes, bytes | None], data: Any, offs: Any, lens: Any, types: Any,
-              i: int, n: int) -> int:
-    """PUT and DELETE records i.. into table; the index of the first other record
-    (the Python twin of Replay.apply() in csrc/speedups.c, used where that did not
-    build)."""
-    data = memoryview(data)
-    while i < n:
-        rtype, o, size = types[i], offs[i], lens[i]
-        if rtype == codec.PUT:
-            klen = data[o] | data[o + 1] << 8 if size >= 2 else 0
-            if klen == 0 or 2 + klen > size:
-                raise CorruptionError(f"record {i}: malformed PUT payload")
-            k = o + 2 + klen
-            table[bytes(data[o + 2:k])] = bytes(data[k:o + size])
-        elif rtype == codec.DELETE:
-            table[bytes(data[o:o + size])] = None
-        else:
-            break
-        i += 1
-    return i
-
-
-def _apply_c(table: Any, data: Any, offs: Any, lens: Any, types: Any, i: int, n: int) -> int:
-    """_apply_py into a walstate._speedups.Replay (the table kept in C)."""
+def apply_records(table: Any, data: Any, offs: Any, lens: Any, types: Any, i: int,
+                  n: int) -> int:
+    """PUT and DELETE records i.. of a reader batch into ``table`` (a
+    walstate._speedups.Replay, the table kept in C); returns the index of the
+    first record of another type."""
     try:
         return table.apply(data, ffi.buffer(offs, 8 * n), ffi.buffer(lens, 8 * n),
                            ffi.buffer(types, n), i, n)
     except ValueError as exc:
         raise CorruptionError(f"WAL payload does not decode: {exc}") from None
-
-
-# (new table, apply records to it, the table as a dict)
-IMPLS: dict[str, tuple[Callable[[], Any], Callable[..., int], Callable[[Any], dict]]] = {
-    "py": (dict, _apply_py, lambda t: t)}
-if _speedups is not None:
-    IMPLS["c"] = (_speedups.Replay, _apply_c, lambda t: t.table())
-_impl = IMPLS["c" if _speedups is not None else "py"]
 
 
 @dataclass
@@ -92,8 +64,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     """Reads the WAL after ``snapshot_lsn`` and applies the tail policy of ``mode``."""
     t0 = time.monotonic()
     log.info("recovery: replaying %s from LSN %d (mode %s)", wal_dir, snapshot_lsn + 1, mode)
-    new_table, apply, as_dict = _impl
-    table = new_table()  # key -> value, None for a delete
+    table = _speedups.Replay()  # key -> value, None for a delete
     records = nbytes = 0
     last = snapshot_lsn
     last_type = 0
@@ -106,8 +77,8 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
         for data, n, lsns, types, offs, lens in reader.iter_arrays(REPLAY_BATCH):
             i = 0
             while i < n:
-                # PUT and DELETE records in C (or Python), others one by one here
-                i = apply(table, data, offs, lens, types, i, n)
+                # PUT and DELETE records in C, others one by one here
+                i = apply_records(table, data, offs, lens, types, i, n)
                 if i < n:
                     rtype = types[i]
                     if not rtype & codec.IGNORABLE:
@@ -123,11 +94,11 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
                         ignored_bytes += lens[i]
                     i += 1
             records += n
-            nbytes += 28 * n + sum(ffi.unpack(lens, n))
+            nbytes += codec.REC_HEADER * n + sum(ffi.unpack(lens, n))
             last, last_type = lsns[n - 1], types[n - 1]
         end = reader.end
     records -= ignored
-    nbytes -= 28 * ignored + ignored_bytes
+    nbytes -= codec.REC_HEADER * ignored + ignored_bytes
 
     truncated = 0
     if end.status == "error":
@@ -149,7 +120,7 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
                 lsn=end.expected_lsn)
         truncated = _cut(wal_dir, end, read_only, "torn tail")
     last = max(last, end.last_lsn, snapshot_lsn)
-    table = as_dict(table)
+    table = table.table()
     seconds = time.monotonic() - t0
     report = {"from_lsn": snapshot_lsn + 1, "to_lsn": last, "records_replayed": records,
               "bytes_replayed": nbytes, "seconds": seconds, "truncated_bytes": truncated,

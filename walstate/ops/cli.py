@@ -224,7 +224,7 @@ def verify(path: str, progress: Progress | None = None) -> list[str]:
         prog.total = sum(os.path.getsize(p) for _l, p in segs if os.path.exists(p))
         with WalReader(lay.wal, system_id, 0) as r:
             for _lsn, _t, payload in r.iter_raw():
-                prog.advance(28 + len(payload))
+                prog.advance(codec.REC_HEADER + len(payload))
             end = r.end
         prog.done()
         if end.status != "clean":
