@@ -25,7 +25,9 @@ KILL_POINTS_C = ("append_after_write", "append_after_fdatasync", "rotate_after_s
                  "segment_create_after_rename", "remove_before_unlink", "remove_after_fsync")
 KILL_POINTS_PY = ("checkpoint_after_freeze", "checkpoint_chunk", "checkpoint_before_commit",
                   "checkpoint_after_commit", "checkpoint_before_remove",
-                  "checkpoint_after_remove", "recovery_after_replay", "recovery_after_cut")
+                  "checkpoint_after_remove", "recovery_after_replay", "recovery_after_cut",
+                  "create_snapshot_dir", "create_snapshot_env", "create_snapshot_meta",
+                  "create_before_marker")
 
 _state = {"name": "", "nth": 0, "seen": 0}
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _hooks, codec
+from . import _hooks, _opening, codec
 from ._native import speedups as _speedups
 from .archive import Archiver
 from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
@@ -24,7 +24,6 @@ from .errors import (
     CorruptionError,
     DiskFullError,
     EngineFailedError,
-    MismatchError,
     ReadOnlyError,
     WalStateError,
 )
@@ -32,15 +31,11 @@ from .layout import (
     FORMAT_VERSION,
     DirLock,
     Layout,
-    check_access,
-    fsync_dir,
-    make_dirs,
     read_marker,
-    write_marker,
 )
 from .recovery import replay
-from .snapshot import META_CHECKPOINT, Snapshot
-from .wal import Wal, WalReader, list_segments
+from .snapshot import Snapshot
+from .wal import Wal, list_segments
 
 log = logging.getLogger("walstate")
 
@@ -184,29 +179,15 @@ class Engine:
     def _open(self) -> None:
         cfg, lay = self.config, self._layout
         ro = cfg.read_only
-        if ro:
-            if not os.path.isdir(self.path):
-                raise FileNotFoundError(2, "no walstate directory (read-only open creates "
-                                        "nothing)", self.path)
-            check_access([self.path, lay.marker, lay.wal, lay.snapshot,
-                          os.path.join(lay.snapshot, "data.mdb")], write=False)
-        else:
-            if os.path.isdir(self.path):
-                check_access([self.path, lay.lock, lay.marker, lay.wal, lay.snapshot,
-                              os.path.join(lay.snapshot, "data.mdb"),
-                              os.path.join(lay.snapshot, "lock.mdb")], write=True)
-            make_dirs(self.path)
-            self._dirlock = DirLock(lay)
+        self._dirlock = _opening.lock_directory(lay, read_only=ro)
         marker = read_marker(lay)
         fresh = marker is None
         if marker is None:
             if ro:
                 raise CorruptionError(f"{self.path} is not a walstate directory (no "
                                       f"{lay.marker})", path=lay.marker)
-            marker = self._initialize()
-        if marker["format_version"] != FORMAT_VERSION:
-            raise MismatchError(f"{self.path} has format version {marker['format_version']}; "
-                                f"this walstate reads version {FORMAT_VERSION}")
+            marker, self._snapshot = _opening.create(lay, map_size=cfg.map_size)
+        _opening.check_marker(lay, marker)
         self.system_id = int(marker["system_id"])
         if self._snapshot is None:
             self._snapshot = Snapshot(lay.snapshot, map_size=cfg.map_size, read_only=ro,
@@ -287,57 +268,6 @@ class Engine:
                 self._flusher.start()
             if self._failed is None:
                 self._writable = True
-
-    def _initialize(self) -> dict:
-        """Creates a new data directory (the marker last, atomically)."""
-        lay = self._layout
-        leftovers = [p for p in (lay.wal, lay.snapshot) if os.path.exists(p)]
-        if leftovers:
-            self._check_interrupted_init()
-        system_id = (int.from_bytes(os.urandom(8), "little") >> 1) | 1
-        make_dirs(lay.snapshot)
-        snap = Snapshot(lay.snapshot, map_size=self.config.map_size, read_only=False,
-                        create=True)
-        self._snapshot = snap
-        snap.write([], durable=True, meta={META_CHECKPOINT: {
-            "format_version": FORMAT_VERSION, "system_id": system_id, "id": 0, "lsn": 0,
-            "reason": "init", "started_at": time.time(), "finished_at": time.time(),
-            "keys_written": 0, "snapshot_bytes": 0, "wal_bytes_removed": 0}})
-        make_dirs(lay.wal)
-        fsync_dir(lay.wal)
-        fsync_dir(self.path)
-        log.info("initialised %s (system_id %d)", self.path, system_id)
-        return write_marker(lay, system_id)
-
-    def _check_interrupted_init(self) -> None:
-        """No marker but files: an initialisation that crashed (nothing in it was
-        ever acknowledged) may be redone; anything holding data is an error."""
-        lay = self._layout
-        with WalReader(lay.wal) as r:
-            has_records = any(True for _ in r.iter_raw())
-        data_file = os.path.join(lay.snapshot, "data.mdb")
-        snap_has_data = False
-        if os.path.exists(data_file):
-            snap = Snapshot(lay.snapshot, map_size=self.config.map_size, read_only=False,
-                            create=False)
-            try:
-                meta = snap.meta()
-                snap_has_data = snap.entries() > 0 or bool(meta and meta.get("lsn"))
-            finally:
-                snap.close()
-        if has_records or snap_has_data:
-            raise CorruptionError(
-                f"{self.path} holds walstate data but its creation marker {lay.marker} is "
-                "missing; refusing to start a new database over it", path=lay.marker)
-        for _lsn, seg in list_segments(lay.wal):
-            os.unlink(seg)
-        for name in ("data.mdb", "lock.mdb"):
-            p = os.path.join(lay.snapshot, name)
-            if os.path.exists(p):
-                os.unlink(p)
-        for d in (lay.wal, lay.snapshot):
-            if os.path.isdir(d):
-                fsync_dir(d)
 
     # ---- state checks ------------------------------------------------------
     def _check_open(self) -> None:

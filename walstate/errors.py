@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno as _errno
 
-
 __all__ = ["ClosedError", "ConfigError", "CorruptionError", "DiskFullError",
            "EngineFailedError", "InvalidTransitionError", "LockedError", "MismatchError",
            "ReadOnlyError", "WalStateError"]

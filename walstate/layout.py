@@ -8,6 +8,7 @@ are published durably.
     DIR/LOCK          flock'ed by the writer; holds its pid, host and start time
     DIR/wal/          WAL segments <16 hex digits of first LSN>.seg (docs/FORMAT.md)
     DIR/snapshot/     the LMDB environment holding the checkpointed state
+                      (LMDB's data.mdb and lock.mdb)
     DIR/BACKUP_LABEL  only in a directory made by ``walstate backup``/``restore``:
                       JSON {label, lsn, checkpoint_lsn, created_at, source, ...}
     DIR/ARCHIVE_STATUS  with ``archive_dir`` set: JSON state of WAL archiving
@@ -36,6 +37,8 @@ SNAPSHOT_DIR = "snapshot"
 BACKUP_LABEL = "BACKUP_LABEL"
 ARCHIVE_STATUS = "ARCHIVE_STATUS"
 ARCHIVE_MARKER = "WALSTATE_ARCHIVE"
+SNAPSHOT_DATA = "data.mdb"   # LMDB's own names, inside snapshot/
+SNAPSHOT_LOCK = "lock.mdb"
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,14 @@ class Layout:
     @property
     def snapshot(self) -> str:
         return os.path.join(self.root, SNAPSHOT_DIR)
+
+    @property
+    def snapshot_data(self) -> str:
+        return os.path.join(self.root, SNAPSHOT_DIR, SNAPSHOT_DATA)
+
+    @property
+    def snapshot_lock(self) -> str:
+        return os.path.join(self.root, SNAPSHOT_DIR, SNAPSHOT_LOCK)
 
     @property
     def backup_label(self) -> str:

@@ -30,7 +30,7 @@ from .errors import (
     MismatchError,
     WalStateError,
 )
-from .layout import FORMAT_VERSION, fsync_dir
+from .layout import FORMAT_VERSION, SNAPSHOT_DATA, fsync_dir
 from .wal import crc32c
 
 _CRC = struct.Struct("<I")
@@ -170,7 +170,7 @@ class Snapshot:
         process's writer reads through the writer's)."""
         self.path = path
         self.read_only = read_only
-        data_file = os.path.join(path, "data.mdb")
+        data_file = os.path.join(path, SNAPSHOT_DATA)
         if not create and not os.path.exists(data_file):
             raise CorruptionError(f"the snapshot {data_file} is missing: the directory was "
                                   "initialised, so walstate will not start it empty",
@@ -381,7 +381,7 @@ class Snapshot:
 
     def file_bytes(self) -> int:
         try:
-            return os.path.getsize(os.path.join(self.path, "data.mdb"))
+            return os.path.getsize(os.path.join(self.path, SNAPSHOT_DATA))
         except OSError:
             return 0
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import crc32c as _crc
 
+from ..layout import Layout
 from . import peers
 from .peers import RAW_HEADER, Items, Store, frame
 
@@ -810,7 +811,7 @@ def child_memory(kind: str, path: str, keys: int, max_wal_mib: int, multiple: in
     space = [rnd.randbytes(16) for _ in range(keys)]
     pool = [rnd.randbytes(100) for _ in range(1024)]
     n = multiple * max_wal_mib * MiB // (28 + 2 + 16 + 100)  # walstate's record size
-    wal_dir = os.path.join(path, "wal")
+    wal_dir = Layout(path).wal
     if kind == "walstate":
         import walstate
 

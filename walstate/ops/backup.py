@@ -48,6 +48,7 @@ from ..archive import archived_segments, check_archive_dir, copy_durable, read_s
 from ..errors import CorruptionError, WalStateError
 from ..layout import (
     MARKER,
+    SNAPSHOT_DATA,
     Layout,
     fsync_dir,
     lock_is_held,
@@ -161,7 +162,7 @@ def _copy_snapshot(src: Layout, dest_snap: str) -> None:
         raise _Retry("the snapshot map grew during the copy") from None
     finally:
         env.close()
-    _fsync_file(os.path.join(dest_snap, "data.mdb"))
+    _fsync_file(os.path.join(dest_snap, SNAPSHOT_DATA))
     fsync_dir(dest_snap)
 
 
@@ -328,11 +329,11 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
     extra = archived_segments(archive_dir) if archive_dir else []
     if segs:
         extra = [(f, p) for f, p in extra if f >= segs[0][0]]
-    progress.total = (os.path.getsize(os.path.join(bl.snapshot, "data.mdb"))
+    progress.total = (os.path.getsize(bl.snapshot_data)
                       + sum(os.path.getsize(p) for _f, p in segs + extra))
     make_dirs(dl.snapshot)
-    progress.advance(copy_durable(os.path.join(bl.snapshot, "data.mdb"),
-                                  os.path.join(dl.snapshot, "data.mdb"), keep_mtime=False))
+    progress.advance(copy_durable(bl.snapshot_data,
+                                  dl.snapshot_data, keep_mtime=False))
     snap = Snapshot(dl.snapshot, map_size=1 << 20, read_only=True, create=False)
     try:
         snap_lsn = int(snap.check_meta(system_id)["lsn"])

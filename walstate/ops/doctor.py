@@ -84,7 +84,7 @@ def _check_path(lay: Layout) -> Check:
 
 def _check_writable(lay: Layout) -> Check:
     paths = [lay.root, lay.wal, lay.snapshot, lay.marker, lay.lock,
-             os.path.join(lay.snapshot, "data.mdb"), os.path.join(lay.snapshot, "lock.mdb")]
+             lay.snapshot_data, lay.snapshot_lock]
     paths += [p for _l, p in _segments(lay)]
     if not os.path.exists(lay.root):
         return Check("writable", "OK", "nothing to check yet")
@@ -104,7 +104,7 @@ def _segments(lay: Layout) -> list[tuple[int, str]]:
 
 def _snapshot_bytes(lay: Layout) -> int:
     try:
-        return os.path.getsize(os.path.join(lay.snapshot, "data.mdb"))
+        return os.path.getsize(lay.snapshot_data)
     except OSError:
         return 0
 
@@ -148,7 +148,7 @@ def _check_lock(lay: Layout) -> Check:
 
 
 def _check_map(lay: Layout, cfg: Config) -> Check:
-    data = os.path.join(lay.snapshot, "data.mdb")
+    data = lay.snapshot_data
     if not os.path.exists(data):
         return Check("lmdb_map", "OK", "no snapshot yet")
     import lmdb

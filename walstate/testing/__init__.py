@@ -69,6 +69,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..layout import Layout
 from . import crashsim
 from .crashsim import FLAVORS, Trace, build_preload, crash_points, crash_states, read_tree
 
@@ -567,7 +568,7 @@ class _Campaign:
         import walstate
 
         path = os.path.join(st.path, _WORLD_DB)
-        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "WALSTATE")):
+        if not os.path.isdir(path) or not os.path.exists(Layout(path).marker):
             # never initialised (no marker survived): nothing may have been acknowledged
             if hist.opened and hist.acknowledged:
                 self.fail(run, st, "oracle", "the directory's creation marker is gone but "
