@@ -13,7 +13,7 @@ import pytest
 from walstate import demo
 from walstate.demo import STEPS, Ack
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_demo(*args: str, env_extra: dict[str, str] | None = None):

@@ -13,7 +13,7 @@ from walstate import codec
 from walstate._native import lib
 from walstate.wal import WalReader, segment_name
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "FORMAT.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "FORMAT.md"
 
 
 def example_blocks() -> list[bytes]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-CI = Path(__file__).resolve().parent.parent / ".ci" / "run"
+README = Path(__file__).resolve().parents[2] / "README.md"
+CI = Path(__file__).resolve().parents[2] / ".ci" / "run"
 
 
 def blocks(lang: str) -> list[str]:

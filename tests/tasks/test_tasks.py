@@ -23,7 +23,7 @@ import walstate
 from walstate.errors import InvalidTransitionError, WalStateError
 from walstate.tasks import KEY_PREFIX, MAX_ID_BYTES, Status, TaskState, TaskStore
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

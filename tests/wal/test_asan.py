@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / ".ci" / "asan.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / ".ci" / "asan.sh"
 
 
 def test_wal_suite_under_asan_and_ubsan() -> None:

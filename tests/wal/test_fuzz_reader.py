@@ -20,7 +20,7 @@ import pytest
 
 from walstate.wal import WalReader, segment_name
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "fuzz" / "corpus"
 
 

@@ -17,7 +17,7 @@ from walstate import codec
 from walstate._native import lib
 from walstate.wal import Wal, list_segments, segment_name
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SYSTEM_ID = 0x1122_3344_5566_7788
 SEG = 65536
 
