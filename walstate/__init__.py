@@ -2,7 +2,7 @@
 
 Every write is appended to a C write-ahead log before it is acknowledged;
 checkpoints fold the log into an LMDB snapshot; recovery replays the log
-after the snapshot. See README.md and ../shared/CONTRACT.md.
+after the snapshot. See README.md and docs/API.md.
 """
 
 from .checkpoint import CheckpointInfo

@@ -1,7 +1,7 @@
 """The only importer of the compiled C WAL; maps its return codes to exceptions.
 
 C returns 0, a negative errno, or a WAL_E* code (<= -1000). ``raise_for``
-is the one table that turns those into the exceptions of CONTRACT.md.
+is the one table that turns those into the exceptions of walstate.errors (docs/API.md).
 """
 
 from __future__ import annotations

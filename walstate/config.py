@@ -23,7 +23,7 @@ class UnknownOptionError(ConfigError, TypeError):
 
 @dataclass(frozen=True)
 class Config:
-    """Options of :func:`walstate.open`; see CONTRACT.md / README for meanings."""
+    """Options of :func:`walstate.open`; see README.md (Options) for meanings."""
 
     sync: str = "always"
     sync_interval: float = 1.0

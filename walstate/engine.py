@@ -528,7 +528,7 @@ class Engine:
 
     # ---- inspection ----------------------------------------------------------
     def info(self) -> dict[str, Any]:
-        """State of the directory: see CONTRACT.md (info())."""
+        """State of the directory: see docs/API.md (info())."""
         self._check_open()
         segs = list_segments(self._layout.wal)
         wal_bytes = 0
@@ -572,7 +572,7 @@ class Engine:
     def stats(self) -> dict[str, Any]:
         """Counters of the work done since open() returned (what open itself did --
         the session record, a recovery checkpoint -- is not counted); see
-        CONTRACT.md (stats())."""
+        docs/API.md (stats())."""
         self._check_open()
         raw = self._raw_stats()
         base = self._stats_base

@@ -1,4 +1,4 @@
-"""Every public call, option and error of the engine (CONTRACT.md), each
+"""Every public call, option and error of the engine (docs/API.md), each
 provoked for real: a second process for the lock, a size-limited tmpfs for a
 full disk, fault injection for EIO, a process without CAP_DAC_OVERRIDE for
 permissions, real damaged bytes for corruption."""

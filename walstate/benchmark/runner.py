@@ -1,6 +1,6 @@
 """``walstate bench``: walstate beside the stores a Python user would pick
 instead (sqlite3, py-lmdb, RocksDB, LevelDB) and raw Python loops, on this
-machine's disk, one workload of issue 7's targets table after another.
+machine's disk, one workload of the targets table (docs/PERFORMANCE.md) after another.
 
 The grid: every workload has a baseline row and contender rows. In each
 repetition every row of a workload is measured, one after the other (the
