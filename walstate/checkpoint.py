@@ -122,6 +122,7 @@ class Checkpointer:
         self._thread: threading.Thread | None = None
         # bytes/second of replay measured at open; the default is conservative
         self.replay_rate = 50e6
+        self.observer: Any = None  # Engine.observe's function
         self.archiver: Any = None  # walstate.archive.Archiver when archive_dir is set
         self._slow_fsyncs = 0  # fsyncs above slow_fsync_seconds already logged
 
@@ -229,10 +230,13 @@ class Checkpointer:
         """Runs one checkpoint to completion; returns its info once durable."""
         with self._run_mu:
             self._set_running(True)
+            t0 = time.perf_counter()
             try:
                 return self._run(reason, paced)
             finally:
                 self._set_running(False)
+                if self.observer is not None:
+                    self.observer("checkpoint", time.perf_counter() - t0)
 
     def _set_running(self, running: bool) -> None:
         with self._cv:

@@ -526,6 +526,25 @@ class Engine:
         self._check_write()
         return self._checkpointer.run("manual")  # type: ignore[union-attr]
 
+    # ---- observation ---------------------------------------------------------
+    def observe(self, fn: Callable[[str, float], None] | None) -> None:
+        """Calls ``fn(event, seconds)`` after every write -- ``"put"``,
+        ``"delete"``, ``"batch"`` (a batch's commit), the time durable per
+        ``sync`` -- and every ``"checkpoint"`` of this engine, in the thread that
+        made it, until ``observe(None)``. Writes that raised are observed too.
+        While an observer is set, puts leave the C fast path (about a
+        microsecond more each); ``fn`` must be quick and must not raise."""
+        self._check_open()
+        for name in ("put", "delete", "_commit_batch"):
+            self.__dict__.pop(name, None)
+        self.put = self._hot.put  # type: ignore[method-assign]
+        if fn is not None:
+            for name, event in (("put", "put"), ("delete", "delete"),
+                                ("_commit_batch", "batch")):
+                setattr(self, name, _timed(getattr(self, name), event, fn))
+        if self._checkpointer is not None:
+            self._checkpointer.observer = fn
+
     # ---- inspection ----------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """State of the directory: see docs/API.md (info())."""
@@ -663,6 +682,20 @@ class Engine:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("read-only" if self._wal is None else "open")
         return f"<walstate.Engine {self.path!r} {state}>"
+
+
+def _timed(call: Callable[..., Any], event: str,
+           fn: Callable[[str, float], None]) -> Callable[..., Any]:
+    clock = time.perf_counter
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = clock()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            fn(event, clock() - t0)
+
+    return timed
 
 
 def open(path: str | os.PathLike[str], *, config: Config | None = None,  # noqa: A001

@@ -49,7 +49,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     lay = _require_dir(args.dir)
     with walstate.open(lay.root, read_only=True) as db:
         info = db.info()
-        info["snapshot_keys"] = db._snapshot.entries() if db._snapshot else 0  # noqa: SLF001
     info["locked"] = lock_is_held(lay)
     info["backup_label"] = read_json(lay.backup_label)
     if info.get("archive") is None:

@@ -11,15 +11,13 @@ Counters and gauges are read from ``db.stats()`` / ``db.info()`` at scrape
 time (a custom collector: nothing is added to the write path). The fsync
 latency histogram comes from the C log's own log2 histogram. Put latency and
 checkpoint duration need one observation per event: ``instrument(db)`` (done
-by ``serve``) wraps the engine's put/delete/batch commit and checkpoint run
-of that one engine with a timer (about a microsecond per write); ``close()``
-unwraps them.
+by ``serve``) sets the engine's observer (``Engine.observe``: about a
+microsecond per write); ``close()`` removes it.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,38 +155,23 @@ class MetricsServer:
 
 def instrument(db: Any, registry: CollectorRegistry) -> Any:
     """Times this engine's writes and checkpoints into histograms in
-    ``registry``; returns a function that removes the timers."""
+    ``registry`` through the engine's observer hook (``Engine.observe``);
+    returns a function that removes it."""
     put_h = Histogram("walstate_put_latency_seconds", "latency of put/delete/batch commit "
                       "(durable per the sync mode)", registry=registry, buckets=PUT_BUCKETS)
     ck_h = Histogram("walstate_checkpoint_duration_seconds", "checkpoint duration",
                      registry=registry, buckets=CHECKPOINT_BUCKETS)
-    wrapped: list[tuple[Any, str]] = []
 
-    def wrap(obj: Any, name: str, hist: Histogram) -> None:
-        orig = getattr(obj, name)
-        clock = time.perf_counter
+    def observe(event: str, seconds: float) -> None:
+        (ck_h if event == "checkpoint" else put_h).observe(seconds)
 
-        def timed(*args: Any, **kw: Any) -> Any:
-            t0 = clock()
-            try:
-                return orig(*args, **kw)
-            finally:
-                hist.observe(clock() - t0)
-
-        setattr(obj, name, timed)  # an instance attribute shadows the method
-        wrapped.append((obj, name))
-
-    for name in ("put", "delete", "_commit_batch"):
-        wrap(db, name, put_h)
-    if getattr(db, "_checkpointer", None) is not None:
-        wrap(db._checkpointer, "run", ck_h)
+    db.observe(observe)
 
     def undo() -> None:
-        for obj, name in wrapped:
-            try:
-                delattr(obj, name)
-            except AttributeError:
-                pass
+        try:
+            db.observe(None)
+        except ClosedError:
+            pass
 
     return undo
 
