@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from . import _hooks, _opening, codec
+from . import _hooks, _opening, codec, control
 from ._native import speedups as _speedups
 from .archive import Archiver
 from .checkpoint import Checkpointer, CheckpointInfo, fsync_latency
@@ -158,6 +158,7 @@ class Engine:
         self._wal: Wal | None = None
         self._snapshot: Snapshot | None = None
         self._checkpointer: Checkpointer | None = None
+        self._control: control.ControlServer | None = None
         self._flusher: threading.Thread | None = None
         self._flusher_stop = threading.Event()
         self._frozen: tuple[dict[bytes, bytes | None], ...] = ()
@@ -239,6 +240,7 @@ class Engine:
         self._stats_base = self._raw_stats()
         if later:
             self._checkpointer.request("recovery")
+        self._control = control.ControlServer(self, lay)
 
     def _start_session(self, counted: bool = True) -> None:
         """Marks the log as in use -- a SESSION record, synced: until a clean close
@@ -618,6 +620,8 @@ class Engine:
         with self._close_mu:
             if self._closed:
                 return
+            if self._control is not None:
+                self._control.close()  # no new control requests
             err: BaseException | None = None
             if self._flusher is not None:
                 self._flusher_stop.set()
@@ -651,6 +655,8 @@ class Engine:
             self._flusher_stop.set()
         if self._checkpointer is not None:
             self._checkpointer.stop()
+        if self._control is not None:
+            self._control.close()
         while self._hot.in_sync:  # puts waiting in C for an fdatasync of this handle
             time.sleep(0.0002)
         if self._wal is not None:

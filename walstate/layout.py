@@ -13,6 +13,8 @@ are published durably.
                       JSON {label, lsn, checkpoint_lsn, created_at, source, ...}
     DIR/ARCHIVE_STATUS  with ``archive_dir`` set: JSON state of WAL archiving
                       (last archived LSN, failures, last error), for info/doctor
+    DIR/CONTROL       while a writer holds DIR: its control socket (walstate/control.py);
+                      one left by a crash is stale and replaced by the next writer
     ARCHIVE/WALSTATE_ARCHIVE  the archive's owner (system_id); segments as in DIR/wal
 """
 
@@ -37,6 +39,7 @@ SNAPSHOT_DIR = "snapshot"
 BACKUP_LABEL = "BACKUP_LABEL"
 ARCHIVE_STATUS = "ARCHIVE_STATUS"
 ARCHIVE_MARKER = "WALSTATE_ARCHIVE"
+CONTROL = "CONTROL"
 SNAPSHOT_DATA = "data.mdb"   # LMDB's own names, inside snapshot/
 SNAPSHOT_LOCK = "lock.mdb"
 

@@ -35,6 +35,17 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, default=_jsonable, sort_keys=True))
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0: {text!r}")
+    return v
+
+
 def _require_dir(path: str) -> Layout:
     lay = Layout(os.path.abspath(path))
     if not os.path.isdir(lay.root):
@@ -250,9 +261,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     import walstate
 
-    _require_dir(args.dir)
-    with walstate.open(args.dir) as db:
-        info = db.checkpoint()
+    lay = _require_dir(args.dir)
+    info = None
+    if not lock_is_held(lay):
+        try:
+            with walstate.open(lay.root) as db:
+                info = db.checkpoint()
+        except walstate.LockedError:
+            pass  # a writer started meanwhile: ask it
+    if info is None:
+        info = _checkpoint_running_writer(lay, args.timeout)
+        if info is None:
+            return 1
     if args.json:
         _print_json(info)
     else:
@@ -260,6 +280,26 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
               f"{info.wal_bytes_removed} WAL bytes removed, "
               f"{info.finished_at - info.started_at:.3f} s")
     return 0
+
+
+def _checkpoint_running_writer(lay: Layout, timeout: float) -> Any:
+    """Asks the process holding ``lay`` to checkpoint (walstate/control.py);
+    its CheckpointInfo, or None once the failure is reported."""
+    from .. import control
+    from ..checkpoint import CheckpointInfo
+
+    holder = read_lock_holder(lay) or {}
+    who = f"the writer holding {lay.root} (pid {holder.get('pid', '?')})"
+    try:
+        reply = control.request(lay.root, "checkpoint", timeout=timeout)
+    except control.NoAnswer as exc:
+        print(f"walstate checkpoint: {who} did not answer: {exc}", file=sys.stderr)
+        return None
+    if not reply.get("ok"):
+        print(f"walstate checkpoint: {who} failed to checkpoint: {reply.get('type')}: "
+              f"{reply.get('error')}", file=sys.stderr)
+        return None
+    return CheckpointInfo(**reply["result"])
 
 
 # ---- repair / doctor / backup / restore ------------------------------------------
@@ -389,9 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("checkpoint", help="open (recovering), checkpoint, close")
+    s = sub.add_parser("checkpoint", help="checkpoint now: asks the running writer of DIR "
+                       "(if any) to, or opens (recovering), checkpoints and closes")
     s.add_argument("dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=_seconds, default=300.0,
+                   help="seconds to wait for a running writer's checkpoint (default 300)")
     s.set_defaults(func=cmd_checkpoint)
 
     s = sub.add_parser("repair", help="classify WAL damage and say what would be done (dry "
