@@ -240,7 +240,11 @@ class Engine:
         self._stats_base = self._raw_stats()
         if later:
             self._checkpointer.request("recovery")
-        self._control = control.ControlServer(self, lay)
+        try:
+            self._control = control.ControlServer(self, lay)
+        except OSError as exc:  # e.g. a filesystem without sockets: the rest works
+            log.warning("%s: no control channel (%s); `walstate checkpoint` cannot reach "
+                        "this writer", self.path, exc)
 
     def _start_session(self, counted: bool = True) -> None:
         """Marks the log as in use -- a SESSION record, synced: until a clean close
