@@ -126,7 +126,7 @@ int endhint_load(const char *path, const end_hint_t *h, uint64_t from_lsn, seg_h
                  uint8_t **buf, uint64_t *base, size_t *len, uint64_t *start_lsn,
                  uint64_t *size_out, uint64_t *bytes_read);
 
-/* ---- wal_reader.c: record validation shared with the writer's open ---- */
+/* ---- wal_record.c: records, encoded and parsed ---- */
 /* 1 if a valid record starts at buf[off] (fully inside buf[0..len)), filling rec. */
 int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec);
 

@@ -42,28 +42,6 @@ struct wal_reader {
     wal_end_t end;
 };
 
-int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec)
-{
-    if (off > len || len - off < WAL_REC_HDR_SIZE)
-        return 0;
-    const uint8_t *p = buf + off;
-    uint32_t plen = get32(p + 4);
-    if (plen > WAL_REC_MAX_PAYLOAD || (uint64_t)plen > len - off - WAL_REC_HDR_SIZE)
-        return 0;
-    uint64_t lsn = get64(p + 8), synced = get64(p + 16);
-    if (lsn == 0 || synced >= lsn || p[24] == 0 || (p[25] | p[26] | p[27]) != 0)
-        return 0;
-    if (wal_crc32c(salt, p + 4, WAL_REC_HDR_SIZE - 4 + (size_t)plen) != get32(p))
-        return 0;
-    rec->lsn = lsn;
-    rec->synced_lsn = synced;
-    rec->type = p[24];
-    rec->len = plen;
-    rec->payload = p + WAL_REC_HDR_SIZE;
-    rec->offset = off;
-    return 1;
-}
-
 static void stop(wal_reader_t *r, int status, int rc, size_t off)
 {
     r->end.status = status;
