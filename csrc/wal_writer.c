@@ -29,59 +29,14 @@
 
 #include "wal_internal.h"
 
-struct wal {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    char dir[WAL_PATH_MAX];
-    uint64_t system_id, segment_size;
-    int fd;              /* current segment */
-    seg_header_t hdr;    /* of the current segment */
-    uint64_t seg_alloc;  /* its size on disk (preallocated) */
-    uint64_t file_off;   /* where buf[0] lands in it */
-    uint8_t *buf, *spare;
-    size_t buf_len, buf_cap, spare_cap;
-    int write_busy;      /* one thread writes the buffer at a time, mutex released */
-    int syncs_in_flight; /* fdatasyncs running with the mutex released */
-    uint64_t sync_cover; /* highest target of any fdatasync started */
-    int sync_waiters;    /* threads inside wal_sync */
-    int delaying;        /* a leader waits for its group (group_delay) */
-    pthread_cond_t arrive_cv; /* CLOCK_MONOTONIC; signalled when a thread enters wal_sync */
-    int group_ring[4];   /* sync_waiters when each of the last 4 fdatasyncs started */
-    unsigned group_pos;
-    uint64_t fsync_ewma_ns; /* recent fdatasync time (moving average) */
-    /* The next segment's file, made ahead by the preparer thread once the
-     * current segment is half full, so that a rotation does not write a whole
-     * segment of zeros while every writer waits (docs/FORMAT.md, "WAL segment"). */
-    int next_fd;         /* ready: >= 0, next_size bytes at next_path */
-    uint64_t next_size;
-    char next_path[WAL_PATH_MAX + 64];
-    int prep_state;      /* PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF */
-    int prep_stop;
-    pthread_t prep;
-    pthread_cond_t prep_cv;
-    int poisoned;
-    uint64_t next_lsn, written_lsn, durable_lsn, seg_synced;
-    uint64_t appends, bytes_appended, fsyncs, writes, segments_created;
-    uint64_t fsync_ns_total, fsync_ns_max, fsync_hist[WAL_FSYNC_BUCKETS];
-    /* known record positions in the current segment, for wal/END: the last
-     * record (0: none yet), and one every mark_stride bytes */
-    uint64_t last_rec_off, mark_next, mark_stride;
-    uint32_t nmarks;
-    uint64_t mark_lsn[WAL_END_MARKS], mark_off[WAL_END_MARKS];
-    uint64_t open_bytes_read;
-    int end_hint;
-    int end_pending;     /* wal/END (used at open) still on disk: removed before
-                          * the first append, kept by a close with none */
-};
-
-static uint64_t now_ns(void)
+uint64_t wal_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static void note_fsync(wal_t *w, uint64_t ns)
+void wal_note_fsync(wal_t *w, uint64_t ns)
 {
     uint64_t us = ns / 1000;
     int b = 0;
@@ -98,7 +53,7 @@ static void note_fsync(wal_t *w, uint64_t ns)
 }
 
 /* A new current segment of `alloc` bytes: no record known in it yet. */
-static void marks_reset(wal_t *w, uint64_t alloc)
+void wal_marks_reset(wal_t *w, uint64_t alloc)
 {
     w->mark_stride = alloc / WAL_END_MARKS;
     if (w->mark_stride < 4096)
@@ -107,26 +62,6 @@ static void marks_reset(wal_t *w, uint64_t alloc)
     w->nmarks = 0;
     w->last_rec_off = 0;
 }
-
-/* A record with LSN lsn starts at offset off of the current segment. */
-static inline void note_record(wal_t *w, uint64_t lsn, uint64_t off)
-{
-    w->last_rec_off = off;
-    if (off >= w->mark_next && w->nmarks < WAL_END_MARKS) {
-        w->mark_lsn[w->nmarks] = lsn;
-        w->mark_off[w->nmarks++] = off;
-        w->mark_next = off + w->mark_stride;
-    }
-}
-
-/* Requires mu. Records the first failure; later calls see WAL_EPOISONED. */
-static void poison(wal_t *w, int rc)
-{
-    if (!w->poisoned)
-        w->poisoned = rc;
-}
-
-enum { PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF };
 
 /* The preparer thread: makes the next segment's file whenever asked. */
 static void *prep_main(void *arg)
@@ -158,7 +93,7 @@ static void *prep_main(void *arg)
              * even ENOSPC from fsync): nothing more is acknowledged -- the log's
              * own blocks may be failing the same way, and only a later fdatasync
              * would say so */
-            poison(w, fd);
+            wal_poison(w, fd);
             pthread_cond_broadcast(&w->cv);
         }
         /* a full disk is not reported here: the rotation then creates the
@@ -170,7 +105,7 @@ static void *prep_main(void *arg)
 
 /* Requires mu. Asks for the next segment's file once the current one is half
  * full (not while a test injects faults: its counts are the foreground's). */
-static void maybe_prepare_next(wal_t *w)
+void wal_prepare_next(wal_t *w)
 {
     if (w->next_fd >= 0 || w->prep_state == PREP_WANTED || w->prep_state == PREP_BUSY ||
         w->prep_state == PREP_OFF || (w->file_off + w->buf_len) * 2 < w->seg_alloc ||
@@ -192,7 +127,7 @@ static void maybe_prepare_next(wal_t *w)
 }
 
 /* Stops the preparer and removes an unused file it made. mu not held. */
-static void prep_shutdown(wal_t *w)
+void wal_prep_shutdown(wal_t *w)
 {
     pthread_mutex_lock(&w->mu);
     int started = w->prep_state != PREP_NONE && w->prep_state != PREP_OFF;
@@ -217,7 +152,7 @@ static void prep_shutdown(wal_t *w)
 /* Requires mu (released while waiting and during the write). Writes what is
  * buffered; afterwards everything appended before the call is written.
  * Returns 0 or the error (poisoning). */
-static int write_locked(wal_t *w)
+int wal_write_locked(wal_t *w)
 {
     while (w->write_busy)
         pthread_cond_wait(&w->cv, &w->mu);
@@ -246,7 +181,7 @@ static int write_locked(wal_t *w)
     w->spare_cap = cap;
     w->write_busy = 0;
     if (rc) {
-        poison(w, rc);
+        wal_poison(w, rc);
     } else {
         w->writes++;
         w->written_lsn = target;
@@ -289,7 +224,7 @@ static int group_delay(wal_t *w)
 
 /* Requires mu (released while waiting and during fdatasync). Returns once
  * `lsn` is durable (0), or the error that poisoned the log. */
-static int sync_locked(wal_t *w, uint64_t lsn)
+int wal_sync_locked(wal_t *w, uint64_t lsn)
 {
     int delayed = 0;
     for (;;) {
@@ -308,7 +243,7 @@ static int sync_locked(wal_t *w, uint64_t lsn)
                 pthread_cond_wait(&w->cv, &w->mu);
                 continue;
             }
-            int rc = write_locked(w);
+            int rc = wal_write_locked(w);
             if (rc)
                 return rc;
             continue;
@@ -322,7 +257,7 @@ static int sync_locked(wal_t *w, uint64_t lsn)
             if (group_delay(w)) {
                 /* the group's records into the file, then look again */
                 if (w->buf_len && !w->write_busy) {
-                    int rc = write_locked(w);
+                    int rc = wal_write_locked(w);
                     if (rc)
                         return rc;
                 }
@@ -337,9 +272,9 @@ static int sync_locked(wal_t *w, uint64_t lsn)
         w->sync_cover = target;
         pthread_mutex_unlock(&w->mu);
 
-        uint64_t t0 = now_ns();
+        uint64_t t0 = wal_now_ns();
         int rc = h_fdatasync(fd);
-        uint64_t ns = now_ns() - t0;
+        uint64_t ns = wal_now_ns() - t0;
         if (rc == 0)
             h_sync_trace(seg, end);
         h_killpoint("append_after_fdatasync");
@@ -347,9 +282,9 @@ static int sync_locked(wal_t *w, uint64_t lsn)
         pthread_mutex_lock(&w->mu);
         w->syncs_in_flight--;
         if (rc) {
-            poison(w, rc);
+            wal_poison(w, rc);
         } else {
-            note_fsync(w, ns);
+            wal_note_fsync(w, ns);
             if (target > w->durable_lsn) {
                 w->durable_lsn = target;
                 if (end > w->seg_synced)
@@ -363,7 +298,7 @@ static int sync_locked(wal_t *w, uint64_t lsn)
 }
 
 /* Requires mu. Waits until no write or fdatasync is running (they use w->fd). */
-static void quiesce_locked(wal_t *w)
+void wal_quiesce_locked(wal_t *w)
 {
     while (w->write_busy || w->syncs_in_flight)
         pthread_cond_wait(&w->cv, &w->mu);
@@ -374,7 +309,7 @@ static void quiesce_locked(wal_t *w)
  * -- then creates the next, large enough for a record of `need` bytes. */
 static int rotate_locked(wal_t *w, uint64_t need)
 {
-    quiesce_locked(w);
+    wal_quiesce_locked(w);
     if (w->poisoned)
         return WAL_EPOISONED;
     w->write_busy = 1;
@@ -382,15 +317,15 @@ static int rotate_locked(wal_t *w, uint64_t need)
     if (w->buf_len)
         rc = h_pwrite_all(w->fd, w->buf, w->buf_len, w->file_off);
     if (rc == 0 && w->seg_synced < w->file_off + w->buf_len) {
-        uint64_t t0 = now_ns();
+        uint64_t t0 = wal_now_ns();
         rc = h_fdatasync(w->fd);
         if (rc == 0) {
-            note_fsync(w, now_ns() - t0);
+            wal_note_fsync(w, wal_now_ns() - t0);
             h_sync_trace(w->hdr.first_lsn, w->file_off + w->buf_len);
         }
     }
     if (rc) {
-        poison(w, rc);
+        wal_poison(w, rc);
         w->write_busy = 0;
         pthread_cond_broadcast(&w->cv);
         return rc;
@@ -422,7 +357,7 @@ static int rotate_locked(wal_t *w, uint64_t need)
          * may retry once space is freed. Anything else (EIO, a file system gone
          * read-only) means a failing device: nothing more is acknowledged. */
         if (fd != -ENOSPC && fd != -EDQUOT)
-            poison(w, fd);
+            wal_poison(w, fd);
         return fd;
     }
     close(w->fd);
@@ -431,19 +366,14 @@ static int rotate_locked(wal_t *w, uint64_t need)
     w->seg_alloc = alloc;
     w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
     w->segments_created++;
-    marks_reset(w, alloc);
+    wal_marks_reset(w, alloc);
     h_killpoint("rotate_after_create");
     return 0;
 }
 
-struct piece {
-    const void *p;
-    size_t n;
-};
-
 /* nowait: return WAL_EAGAIN instead of waiting for the mutex or doing any I/O
  * (a caller that holds the GIL must not block). */
-static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int npc,
+static int append_pieces(wal_t *w, unsigned type, const wal_piece_t *pc, int npc,
                          uint64_t *lsn_out, int nowait)
 {
     size_t plen = 0;
@@ -488,7 +418,7 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
             continue;
         }
         if (w->buf_len && w->buf_len + need > w->buf_cap) {
-            if ((rc = write_locked(w)) != 0)
+            if ((rc = wal_write_locked(w)) != 0)
                 break;
             continue;
         }
@@ -507,10 +437,10 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
         pthread_mutex_unlock(&w->mu);
         return rc;
     }
-    maybe_prepare_next(w);
+    wal_prepare_next(w);
     uint8_t *r = w->buf + w->buf_len;
     uint64_t lsn = w->next_lsn++;
-    note_record(w, lsn, w->file_off + w->buf_len);
+    wal_note_record(w, lsn, w->file_off + w->buf_len);
     put32(r + 4, (uint32_t)plen);
     put64(r + 8, lsn);
     put64(r + 16, w->durable_lsn);
@@ -534,7 +464,7 @@ static int append_pieces(wal_t *w, unsigned type, const struct piece *pc, int np
 int wal_append(wal_t *w, unsigned type, const void *a, size_t alen, const void *b, size_t blen,
                uint64_t *lsn_out)
 {
-    struct piece pc[2] = {{a, alen}, {b, blen}};
+    wal_piece_t pc[2] = {{a, alen}, {b, blen}};
     return append_pieces(w, type, pc, 2, lsn_out, 0);
 }
 
@@ -545,7 +475,7 @@ static int put_record(wal_t *w, const void *key, size_t klen, const void *val, s
     if (klen == 0 || klen > 0xffff)
         return WAL_EINVAL;
     uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
-    struct piece pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
+    wal_piece_t pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
     return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, nowait);
 }
 
@@ -570,7 +500,7 @@ int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
     w->sync_waiters++;
     if (w->delaying)
         pthread_cond_signal(&w->arrive_cv);
-    rc = sync_locked(w, lsn);
+    rc = wal_sync_locked(w, lsn);
     w->sync_waiters--;
     if (durable_out)
         *durable_out = w->durable_lsn;
@@ -581,7 +511,7 @@ int wal_sync(wal_t *w, uint64_t lsn, uint64_t *durable_out)
 int wal_flush(wal_t *w)
 {
     pthread_mutex_lock(&w->mu);
-    int rc = write_locked(w);
+    int rc = wal_write_locked(w);
     pthread_mutex_unlock(&w->mu);
     return rc;
 }
@@ -695,7 +625,7 @@ static int find_end(wal_t *w, const uint8_t *buf, size_t len, const seg_header_t
     size_t off = WAL_SEG_HDR_SIZE;
     uint64_t expected = h->first_lsn;
     while (rec_parse(buf, len, off, h->salt, &rec) && rec.lsn == expected) {
-        note_record(w, rec.lsn, off);
+        wal_note_record(w, rec.lsn, off);
         off += WAL_REC_HDR_SIZE + rec.len;
         expected++;
     }
@@ -728,10 +658,10 @@ static int open_hinted(wal_t *w, const char *path, const end_hint_t *hint)
     w->seg_alloc = size;
     w->file_off = w->seg_synced = hint->end;
     w->next_lsn = hint->last_lsn + 1;
-    marks_reset(w, size);
+    wal_marks_reset(w, size);
     for (uint32_t i = 0; i < hint->nmarks; i++)
-        note_record(w, hint->mark_lsn[i], hint->mark_off[i]);
-    note_record(w, hint->last_lsn, hint->last_off);
+        wal_note_record(w, hint->mark_lsn[i], hint->mark_off[i]);
+    wal_note_record(w, hint->last_lsn, hint->last_off);
     return 0;
 }
 
@@ -760,7 +690,7 @@ static int open_last(wal_t *w, uint64_t first_lsn, const end_hint_t *hint)
         if (rc == 0 && w->hdr.first_lsn != first_lsn)
             rc = WAL_ECORRUPT;
         if (rc == 0) {
-            marks_reset(w, size);
+            wal_marks_reset(w, size);
             rc = find_end(w, buf, len, &w->hdr, &next, &end);
         }
         free(buf);
@@ -863,7 +793,7 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
             w->seg_alloc = w->segment_size;
             w->file_off = w->seg_synced = WAL_SEG_HDR_SIZE;
             w->segments_created++;
-            marks_reset(w, w->segment_size);
+            wal_marks_reset(w, w->segment_size);
         }
     }
     if (rc < 0) {
@@ -895,8 +825,8 @@ int wal_close(wal_t *w)
     int rc = w->poisoned ? WAL_EPOISONED : 0;
     w->sync_waiters++;
     if (rc == 0)
-        rc = sync_locked(w, w->next_lsn - 1);
-    quiesce_locked(w);
+        rc = wal_sync_locked(w, w->next_lsn - 1);
+    wal_quiesce_locked(w);
     /* Everything is durable and nothing more will be appended: say where the
      * log ends (only if a record of this segment is known to end it). */
     if (rc == 0 && !w->poisoned && !w->end_pending && w->fd >= 0 && w->buf_len == 0 &&
@@ -913,7 +843,7 @@ int wal_close(wal_t *w)
         (void)endhint_write(w->dir, &h); /* without it the next open scans */
     }
     pthread_mutex_unlock(&w->mu);
-    prep_shutdown(w);
+    wal_prep_shutdown(w);
     if (w->fd >= 0)
         close(w->fd);
     pthread_mutex_destroy(&w->mu);
