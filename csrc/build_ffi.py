@@ -11,7 +11,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 SOURCES = ["crc32c.c", "wal_hooks.c", "wal_errors.c", "wal_record.c", "wal_segment.c",
-           "wal_reader.c", "wal_writer.c", "wal_sync.c", "wal_prepare.c", "wal_repair.c", "wal_endhint.c"]
+           "wal_reader.c", "wal_open.c", "wal_writer.c", "wal_sync.c", "wal_prepare.c", "wal_repair.c", "wal_endhint.c"]
 
 CDEF = """
 #define WAL_ECORRUPT ...

@@ -66,6 +66,9 @@ int seg_parse_name(const char *name, uint64_t *first_lsn);
 /* Sorted first LSNs of dir's segments. *out is malloc'ed (caller frees). */
 int seg_list(const char *dir, uint64_t **out, size_t *n);
 int dir_fsync(const char *dir);
+/* Removes what a crash can leave in dir: *.seg.tmp (a segment being created),
+ * spare-*.tmp (one made ahead), LAST.tmp, END.tmp; fsyncs dir if any went. */
+int seg_remove_tmp(const char *dir);
 /* Encodes a header into 64 bytes and fills h->salt. */
 void seg_encode_header(uint8_t *buf, seg_header_t *h);
 /* 0 valid, WAL_ECORRUPT / WAL_EVERSION otherwise. */

@@ -390,3 +390,45 @@ int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_o
     *len = n;
     return 0;
 }
+
+/* Removes *.tmp left by a crash during segment creation. */
+int seg_remove_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -errno;
+    struct dirent *e;
+    int removed = 0, rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        uint64_t lsn;
+        if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0 ||
+            strcmp(e->d_name, WAL_END_NAME ".tmp") == 0 ||
+            (n == 26 && strncmp(e->d_name, "spare-", 6) == 0 &&
+             strspn(e->d_name + 6, "0123456789abcdef") == 16 &&
+             strcmp(e->d_name + 22, ".tmp") == 0)) { /* a next segment made ahead */
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+            continue;
+        }
+        if (n == WAL_SEG_NAME_LEN + 4 && strcmp(e->d_name + WAL_SEG_NAME_LEN, ".tmp") == 0) {
+            char name[WAL_SEG_NAME_LEN + 1];
+            memcpy(name, e->d_name, WAL_SEG_NAME_LEN);
+            name[WAL_SEG_NAME_LEN] = 0;
+            if (!seg_parse_name(name, &lsn))
+                continue;
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+        }
+    }
+    closedir(d);
+    if (rc == 0 && removed)
+        rc = dir_fsync(dir);
+    return rc;
+}
