@@ -296,37 +296,3 @@ void wal_get_stats(wal_t *w, wal_stats_t *st)
     pthread_mutex_unlock(&w->mu);
 }
 
-int wal_remove_below(wal_t *w, uint64_t lsn, uint64_t *bytes_removed, uint64_t *segs_removed)
-{
-    *bytes_removed = *segs_removed = 0;
-    pthread_mutex_lock(&w->mu);
-    uint64_t cur = w->hdr.first_lsn;
-    pthread_mutex_unlock(&w->mu);
-    uint64_t *segs;
-    size_t n;
-    int rc = seg_list(w->dir, &segs, &n);
-    if (rc < 0)
-        return rc;
-    /* Oldest first, so that a crash half-way leaves a contiguous log. Segment i
-     * holds LSNs below segs[i+1]; the current segment is never removed. */
-    for (size_t i = 0; i + 1 < n && segs[i] < cur && segs[i + 1] <= lsn + 1; i++) {
-        char path[WAL_PATH_MAX + 64];
-        struct stat st;
-        seg_name(path, sizeof path, w->dir, segs[i]);
-        uint64_t size = stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
-        h_killpoint("remove_before_unlink");
-        if ((rc = h_unlink(path)) < 0)
-            break;
-        *bytes_removed += size;
-        (*segs_removed)++;
-    }
-    free(segs);
-    if (*segs_removed) {
-        int rc2 = dir_fsync(w->dir);
-        if (rc == 0)
-            rc = rc2;
-        h_killpoint("remove_after_fsync");
-    }
-    return rc;
-}
-
