@@ -133,6 +133,15 @@ int endhint_load(const char *path, const end_hint_t *h, uint64_t from_lsn, seg_h
 /* ---- wal_record.c: records, encoded and parsed ---- */
 /* 1 if a valid record starts at buf[off] (fully inside buf[0..len)), filling rec. */
 int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec);
+/* A part of a record's payload. */
+typedef struct {
+    const void *p;
+    size_t n;
+} wal_piece_t;
+/* Encodes a record at r (WAL_REC_HDR_SIZE + plen bytes): the header, the
+ * pieces' bytes (plen in all) and the crc seeded with the segment's salt. */
+void rec_encode(uint8_t *r, uint32_t salt, unsigned type, uint64_t lsn, uint64_t synced_lsn,
+                const wal_piece_t *pc, int npc, size_t plen);
 
 
 /* ---- the log handle: wal_writer.c (append, buffer), wal_sync.c (group
@@ -204,11 +213,6 @@ static inline void wal_poison(wal_t *w, int rc)
 /* wal_t.prep_state (wal_prepare.c) */
 enum { PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF };
 
-/* A part of a record's payload (wal_writer.c, rec_encode). */
-typedef struct {
-    const void *p;
-    size_t n;
-} wal_piece_t;
 
 /* wal_sync.c: group commit and fsync statistics */
 uint64_t wal_now_ns(void);

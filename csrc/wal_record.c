@@ -24,3 +24,20 @@ int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_rec
     rec->offset = off;
     return 1;
 }
+
+void rec_encode(uint8_t *r, uint32_t salt, unsigned type, uint64_t lsn, uint64_t synced_lsn,
+                const wal_piece_t *pc, int npc, size_t plen)
+{
+    put32(r + 4, (uint32_t)plen);
+    put64(r + 8, lsn);
+    put64(r + 16, synced_lsn);
+    r[24] = (uint8_t)type;
+    r[25] = r[26] = r[27] = 0;
+    uint8_t *q = r + WAL_REC_HDR_SIZE;
+    for (int i = 0; i < npc; i++) {
+        if (pc[i].n)
+            memcpy(q, pc[i].p, pc[i].n);
+        q += pc[i].n;
+    }
+    put32(r, wal_crc32c(salt, r + 4, WAL_REC_HDR_SIZE - 4 + plen));
+}

@@ -214,18 +214,7 @@ static int append_pieces(wal_t *w, unsigned type, const wal_piece_t *pc, int npc
     uint8_t *r = w->buf + w->buf_len;
     uint64_t lsn = w->next_lsn++;
     wal_note_record(w, lsn, w->file_off + w->buf_len);
-    put32(r + 4, (uint32_t)plen);
-    put64(r + 8, lsn);
-    put64(r + 16, w->durable_lsn);
-    r[24] = (uint8_t)type;
-    r[25] = r[26] = r[27] = 0;
-    uint8_t *q = r + WAL_REC_HDR_SIZE;
-    for (int i = 0; i < npc; i++) {
-        if (pc[i].n)
-            memcpy(q, pc[i].p, pc[i].n);
-        q += pc[i].n;
-    }
-    put32(r, wal_crc32c(w->hdr.salt, r + 4, need - 4));
+    rec_encode(r, w->hdr.salt, type, lsn, w->durable_lsn, pc, npc, plen);
     w->buf_len += need;
     w->appends++;
     w->bytes_appended += need;
