@@ -1,6 +1,7 @@
-/* Segment files: naming, the header, atomic creation with preallocation,
- * listing, and directory fsync. The one place that knows the layout of the
- * WAL directory. */
+/* Segment files: naming, the header, atomic creation with preallocation (and
+ * the spare made ahead), wal/LAST, listing, removal of old segments and of
+ * crash leftovers, directory fsync, reading a segment file. The one place
+ * that knows the layout of the WAL directory. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
