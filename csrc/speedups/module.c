@@ -1,0 +1,50 @@
+/*
+ * walstate._speedups: the hot path and an inner loop in C, as a plain CPython extension
+ * because they build Python objects (the WAL itself is the cffi module).
+ *
+ * Hot: the engine's put and get without a Python frame or a cffi crossing:
+ * appends through wal_put_nowait (reached by its address, taken from the cffi
+ * module) with the GIL held, then stores the value in the in-memory table.
+ * When the append would block (WAL_EAGAIN) it takes the engine's general path,
+ * which releases the GIL. encode_batch(): a BATCH payload.
+ *
+ * Replay: the table of crash recovery, built in C. Its apply() applies the
+ * PUT and DELETE records of one batch read by wal_reader_batch, in order, and
+ * stops at the first record of any other type (a BATCH, an ignorable record),
+ * which the Python side handles (walstate/recovery.py) before calling again
+ * after it; table() gives the dict (key -> value, None for a delete).
+ *
+ * The record framing was validated by the C reader (CRC, bounds); the
+ * payloads are still checked here before use: a malformed one is ValueError.
+ * Payload encodings: docs/FORMAT.md, "Payloads".
+ */
+#include "speedups.h"
+
+static PyMethodDef methods[] = {
+    {"sorted_items", sp_sorted_items, METH_O,
+     "sorted_items(table) -> its (key, value) items in key order, sorted without the GIL"},
+    {"encode_batch", sp_encode_batch, METH_O,
+     "encode_batch(ops) -> the BATCH payload of a list of (key, value-or-None) pairs"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "walstate._speedups",
+                                    "The engine's hot path and recovery's inner loop, in C.", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__speedups(void)
+{
+    if (PyType_Ready(&HotType) < 0 || PyType_Ready(&ReplayType) < 0 ||
+        PyType_Ready(&BatchOpsType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Hot", (PyObject *)&HotType) < 0 ||
+        PyModule_AddObjectRef(m, "Replay", (PyObject *)&ReplayType) < 0 ||
+        PyModule_AddObjectRef(m, "BatchOps", (PyObject *)&BatchOpsType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
