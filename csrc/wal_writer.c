@@ -232,7 +232,7 @@ static int put_record(wal_t *w, const void *key, size_t klen, const void *val, s
     if (klen == 0 || klen > 0xffff)
         return WAL_EINVAL;
     uint8_t kl[2] = {(uint8_t)klen, (uint8_t)(klen >> 8)};
-    wal_piece_t pc[3] = {{kl, 2}, {key, klen}, {val, vlen}};
+    wal_piece_t pc[3] = {{kl, WAL_PUT_HDR_SIZE}, {key, klen}, {val, vlen}};
     return append_pieces(w, WAL_TYPE_PUT, pc, 3, lsn_out, nowait);
 }
 

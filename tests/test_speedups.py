@@ -301,3 +301,27 @@ def test_the_engine_works_without_the_speedups_extension(tmp_path):
     p = subprocess.run([sys.executable, "-c", NO_SPEEDUPS, str(tmp_path / "db")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_format_constants_come_from_wal_format_h():
+    """The sizes and limits are defined once (csrc/wal_format.h): the cffi module
+    and the speedups module give the same values, under the same names."""
+    from walstate._native import lib
+
+    names = [n for n in dir(_speedups) if n.startswith("WAL_")]
+    assert set(names) == {
+        "WAL_REC_HDR_SIZE", "WAL_REC_MAX_PAYLOAD", "WAL_TYPE_PUT", "WAL_TYPE_DELETE",
+        "WAL_TYPE_BATCH", "WAL_PUT_HDR_SIZE", "WAL_BATCH_HDR_SIZE", "WAL_BATCH_OP_HDR_SIZE",
+        "WAL_BATCH_OP_PUT", "WAL_BATCH_OP_DELETE", "WAL_MAX_KEY", "WAL_MAX_VALUE"}
+    for n in names:
+        assert getattr(_speedups, n) == getattr(lib, n), n
+    assert (lib.WAL_REC_HDR_SIZE, lib.WAL_SEG_HDR_SIZE, lib.WAL_PUT_HDR_SIZE) == (28, 64, 2)
+    assert (lib.WAL_MAX_KEY, lib.WAL_MAX_VALUE) == (codec.MAX_KEY, codec.MAX_VALUE)
+    assert (lib.WAL_MAX_KEY, lib.WAL_MAX_VALUE) == (511, 64 << 20)
+    assert (lib.WAL_TYPE_SHUTDOWN, lib.WAL_TYPE_SESSION) == (codec.SHUTDOWN, codec.SESSION)
+    assert (lib.WAL_TYPE_SHUTDOWN, lib.WAL_TYPE_SESSION) == (0x81, 0x82)
+    assert (lib.WAL_BATCH_OP_PUT, lib.WAL_BATCH_OP_DELETE) == (codec.OP_PUT, codec.OP_DELETE)
+    assert lib.WAL_BATCH_HDR_SIZE == 4 and lib.WAL_BATCH_OP_HDR_SIZE == 7
+    assert lib.WAL_REC_MAX_PAYLOAD == codec.MAX_RECORD == 1 << 30
+    assert (lib.WAL_END_HDR_SIZE, lib.WAL_END_MARKS, lib.WAL_END_TAIL_CHECK) == (64, 64, 8192)
+    assert lib.WAL_SEG_HDR_CRC_OFF == 60

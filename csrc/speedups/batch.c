@@ -31,7 +31,7 @@ static int bo_init(BatchOps *b, PyObject *args, PyObject *kw)
     Py_XSETREF(b->slow_put, Py_NewRef(sp));
     Py_XSETREF(b->slow_delete, Py_NewRef(sd));
     Py_XSETREF(b->ops, PyList_New(0));
-    b->size = 4, b->limit = limit, b->done = 0;
+    b->size = WAL_BATCH_HDR_SIZE, b->limit = limit, b->done = 0;
     return b->ops ? 0 : -1;
 }
 
@@ -69,7 +69,8 @@ static int bo_add(BatchOps *b, PyObject *key, PyObject *value)
             return 0;
         vlen = PyBytes_GET_SIZE(value);
     }
-    if (klen == 0 || klen > MAX_KEY || vlen > MAX_VALUE || b->size + 7 + klen + vlen > b->limit)
+    if (klen == 0 || klen > WAL_MAX_KEY || vlen > WAL_MAX_VALUE ||
+        b->size + WAL_BATCH_OP_HDR_SIZE + klen + vlen > b->limit)
         return 0;
     PyObject *t = PyTuple_Pack(2, key, value);
     if (!t || PyList_Append(b->ops, t) < 0) {
@@ -77,7 +78,7 @@ static int bo_add(BatchOps *b, PyObject *key, PyObject *value)
         return -1;
     }
     Py_DECREF(t);
-    b->size += 7 + klen + vlen;
+    b->size += WAL_BATCH_OP_HDR_SIZE + klen + vlen;
     return 1;
 }
 
@@ -152,7 +153,7 @@ PyObject *sp_encode_batch(PyObject *self, PyObject *ops)
         PyErr_SetString(PyExc_ValueError, "encode_batch: too many operations");
         return NULL;
     }
-    size_t total = 4;
+    size_t total = WAL_BATCH_HDR_SIZE;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         if (!PyTuple_CheckExact(op) || PyTuple_GET_SIZE(op) != 2 ||
@@ -170,7 +171,7 @@ PyObject *sp_encode_batch(PyObject *self, PyObject *ops)
                          "out of range", i);
             return NULL;
         }
-        total += 7 + (size_t)kl + (size_t)vl;
+        total += WAL_BATCH_OP_HDR_SIZE + (size_t)kl + (size_t)vl;
         if (total > (size_t)PY_SSIZE_T_MAX / 2) {
             PyErr_SetString(PyExc_ValueError, "encode_batch: payload too large");
             return NULL;
@@ -183,20 +184,20 @@ PyObject *sp_encode_batch(PyObject *self, PyObject *ops)
     uint32_t cnt = (uint32_t)n;
     p[0] = (uint8_t)cnt, p[1] = (uint8_t)(cnt >> 8), p[2] = (uint8_t)(cnt >> 16);
     p[3] = (uint8_t)(cnt >> 24);
-    p += 4;
+    p += WAL_BATCH_HDR_SIZE;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *op = PyList_GET_ITEM(ops, i);
         PyObject *k = PyTuple_GET_ITEM(op, 0), *v = PyTuple_GET_ITEM(op, 1);
         size_t kl = (size_t)PyBytes_GET_SIZE(k);
         size_t vl = v == Py_None ? 0 : (size_t)PyBytes_GET_SIZE(v);
-        p[0] = v == Py_None ? 2 : 1;  /* OP_DELETE, OP_PUT */
+        p[0] = v == Py_None ? WAL_BATCH_OP_DELETE : WAL_BATCH_OP_PUT;
         p[1] = (uint8_t)kl, p[2] = (uint8_t)(kl >> 8);
         p[3] = (uint8_t)vl, p[4] = (uint8_t)(vl >> 8), p[5] = (uint8_t)(vl >> 16);
         p[6] = (uint8_t)(vl >> 24);
-        memcpy(p + 7, PyBytes_AS_STRING(k), kl);
+        memcpy(p + WAL_BATCH_OP_HDR_SIZE, PyBytes_AS_STRING(k), kl);
         if (vl)
-            memcpy(p + 7 + kl, PyBytes_AS_STRING(v), vl);
-        p += 7 + kl + vl;
+            memcpy(p + WAL_BATCH_OP_HDR_SIZE + kl, PyBytes_AS_STRING(v), vl);
+        p += WAL_BATCH_OP_HDR_SIZE + kl + vl;
     }
     return out;
 }

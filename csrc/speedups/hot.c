@@ -107,7 +107,7 @@ static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs)
     if (!PyBytes_CheckExact(key) || !PyBytes_CheckExact(value))
         goto slow;
     Py_ssize_t klen = PyBytes_GET_SIZE(key), vlen = PyBytes_GET_SIZE(value);
-    if (klen == 0 || klen > MAX_KEY || vlen > MAX_VALUE)
+    if (klen == 0 || klen > WAL_MAX_KEY || vlen > WAL_MAX_VALUE)
         goto slow;
     uint64_t lsn = 0;
     if (h->put(h->wal, PyBytes_AS_STRING(key), (size_t)klen, PyBytes_AS_STRING(value),
@@ -117,7 +117,7 @@ static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs)
         return NULL;  /* out of memory: the record is in the log; replay applies it */
     h->last_lsn = lsn;
     h->puts++;
-    h->wal_bytes += 28 + 2 + klen + vlen;  /* the record header: docs/FORMAT.md */
+    h->wal_bytes += WAL_REC_HDR_SIZE + WAL_PUT_HDR_SIZE + klen + vlen;
     if (h->sync_always && h->sync && h->wal_bytes - h->frozen_bytes <= h->threshold) {
         /* a durable put: wait for the fdatasync here, without the GIL (the
          * engine closes the handle only after set_wal(0, 0) and once in_sync is
@@ -162,7 +162,7 @@ static PyObject *hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         Py_ssize_t klen = PyBytes_GET_SIZE(key);
         PyObject *frozen = h->frozen;
-        if (klen == 0 || klen > MAX_KEY || !frozen || !PyTuple_CheckExact(frozen) ||
+        if (klen == 0 || klen > WAL_MAX_KEY || !frozen || !PyTuple_CheckExact(frozen) ||
             !h->snap_get || h->snap_get == Py_None)
             goto slow;
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(frozen) && !v; i++) {

@@ -42,7 +42,21 @@ PyMODINIT_FUNC PyInit__speedups(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Hot", (PyObject *)&HotType) < 0 ||
         PyModule_AddObjectRef(m, "Replay", (PyObject *)&ReplayType) < 0 ||
-        PyModule_AddObjectRef(m, "BatchOps", (PyObject *)&BatchOpsType) < 0) {
+        PyModule_AddObjectRef(m, "BatchOps", (PyObject *)&BatchOpsType) < 0 ||
+        /* the format's sizes and the engine's limits this module uses (wal_format.h,
+         * the same names as walstate._walc.lib's) */
+        PyModule_AddIntConstant(m, "WAL_REC_HDR_SIZE", WAL_REC_HDR_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_REC_MAX_PAYLOAD", WAL_REC_MAX_PAYLOAD) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_TYPE_PUT", WAL_TYPE_PUT) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_TYPE_DELETE", WAL_TYPE_DELETE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_TYPE_BATCH", WAL_TYPE_BATCH) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_PUT_HDR_SIZE", WAL_PUT_HDR_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_BATCH_HDR_SIZE", WAL_BATCH_HDR_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_BATCH_OP_HDR_SIZE", WAL_BATCH_OP_HDR_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_BATCH_OP_PUT", WAL_BATCH_OP_PUT) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_BATCH_OP_DELETE", WAL_BATCH_OP_DELETE) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_MAX_KEY", WAL_MAX_KEY) < 0 ||
+        PyModule_AddIntConstant(m, "WAL_MAX_VALUE", WAL_MAX_VALUE) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -24,13 +24,13 @@ static int rec_parse_kv(const Py_buffer *data, const Py_buffer *offs, const Py_b
     }
     const uint8_t *p = (const uint8_t *)data->buf + off;
     if (t == WAL_TYPE_PUT) {
-        size_t klen = len >= 2 ? (size_t)(p[0] | p[1] << 8) : 0;
-        if (klen == 0 || 2 + klen > len) {
+        size_t klen = len >= WAL_PUT_HDR_SIZE ? (size_t)(p[0] | p[1] << 8) : 0;
+        if (klen == 0 || WAL_PUT_HDR_SIZE + klen > len) {
             PyErr_Format(PyExc_ValueError, "record %zd: malformed PUT payload", i);
             return -1;
         }
-        kv->key = p + 2, kv->klen = klen;
-        kv->val = p + 2 + klen, kv->vlen = (size_t)len - 2 - klen;
+        kv->key = p + WAL_PUT_HDR_SIZE, kv->klen = klen;
+        kv->val = p + WAL_PUT_HDR_SIZE + klen, kv->vlen = (size_t)len - WAL_PUT_HDR_SIZE - klen;
     } else {
         if (len == 0) {
             PyErr_Format(PyExc_ValueError, "record %zd: empty DELETE payload", i);

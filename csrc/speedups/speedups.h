@@ -14,10 +14,8 @@
 
 #include "wal_format.h"
 
-/* Engine limits (walstate/codec.py); anything outside goes to the Python path,
- * which raises the error naming the limit. */
-#define MAX_KEY 511
-#define MAX_VALUE (64 * 1024 * 1024)
+/* Every size and limit (WAL_MAX_KEY, WAL_REC_HDR_SIZE, WAL_BATCH_OP_HDR_SIZE,
+ * ...) comes from wal_format.h; module.c exposes them as module constants. */
 
 extern PyTypeObject HotType;      /* hot.c */
 extern PyTypeObject BatchOpsType; /* batch.c */
