@@ -325,3 +325,68 @@ def test_format_constants_come_from_wal_format_h():
     assert lib.WAL_REC_MAX_PAYLOAD == codec.MAX_RECORD == 1 << 30
     assert (lib.WAL_END_HDR_SIZE, lib.WAL_END_MARKS, lib.WAL_END_TAIL_CHECK) == (64, 64, 8192)
     assert lib.WAL_SEG_HDR_CRC_OFF == 60
+
+
+def test_hot_and_batch_ops_take_keywords_like_the_contract():
+    c = Calls()
+    hot = _speedups.Hot(c.slow_put, c.ack, c.slow_get)
+    hot.table = {b"a": b"1"}
+    assert hot.get(key=b"a") == b"1" and hot.get(b"a", default=5) == b"1"
+    assert hot.get(key=b"zz", default=5) == "cold" and hot.put(key=b"k", value=b"v") == -1
+    assert hot.put(b"k", value=b"v") == -1
+    # the slow paths get the arguments by position, as if given so
+    assert c.log == [("get", b"zz", 5), ("put", b"k", b"v"), ("put", b"k", b"v")]
+    b = _speedups.BatchOps(c.slow_put, c.slow_get, 1 << 20)
+    assert b.put(key=b"k", value=b"v") is None and b.delete(key=b"d") is None
+    assert b.put(b"k2", value=b"v2") is None
+    assert b.ops == [(b"k", b"v"), (b"d", None), (b"k2", b"v2")]
+    for call, match in [(lambda: hot.get(b"a", dflt=1), "'dflt'"),
+                        (lambda: hot.get(kee=b"a"), "'kee'"),
+                        (lambda: hot.put(b"k", val=b"v"), "'val'"),
+                        (lambda: hot.put(b"k", key=b"v"), "multiple values for argument 'key'"),
+                        (lambda: hot.put(value=b"v"), "missing required argument 'key'"),
+                        (lambda: hot.get(b"a", 1, default=2), "multiple values"),
+                        (lambda: hot.get(b"a", 1, 2, default=2), "at most 2 arguments"),
+                        (lambda: b.put(b"k", v=b"v"), "'v'"),
+                        (lambda: b.delete(k=b"k"), "'k'"),
+                        (lambda: b.delete(b"k", key=b"k"), "multiple values")]:
+        with pytest.raises(TypeError, match=match):
+            call()
+
+
+def test_engine_calls_take_keywords(tmp_path):
+    """db.put(key=, value=), db.get(key, default=), db.delete(key=) and a batch's
+    put/delete by keyword work as by position, through walstate.open."""
+    path = str(tmp_path / "db")
+    with walstate.open(path, sync="none") as db:
+        assert db.put(key=b"k", value=b"v") > 0
+        assert db.put(b"k2", value=b"v2") > 0
+        assert db.get(key=b"k") == b"v" and db.get(b"k2", default=1) == b"v2"
+        assert db.get(key=b"a", default=5) == 5 and db.get(b"a", 5) == 5
+        assert db.get(b"a", default=None) is None
+        assert db.delete(key=b"k2") > 0 and db.get(b"k2", default=0) == 0
+        with db.batch() as b:
+            b.put(key=b"b1", value=b"x")
+            b.put(b"b2", value=b"y")
+            b.delete(key=b"k")
+        assert db.get(b"b1") == b"x" and db.get(key=b"b2") == b"y" and db.get(b"k") is None
+        # by keyword through the slow paths too (a buffer key, a limit)
+        assert db.put(key=bytearray(b"m"), value=memoryview(b"w")) > 0
+        assert db.get(key=bytearray(b"m"), default=1) == b"w"
+        with pytest.raises(ValueError, match="1..511"):
+            db.put(key=b"", value=b"v")
+        for call, name in [(lambda: db.get(b"k", defualt=1), "defualt"),
+                           (lambda: db.put(key=b"k", val=b"v"), "val"),
+                           (lambda: db.put(k=b"k", value=b"v"), "'k'"),
+                           (lambda: db.delete(kye=b"k"), "kye")]:
+            with pytest.raises(TypeError, match=name):
+                call()
+        with db.batch() as b:
+            with pytest.raises(TypeError, match="'vlaue'"):
+                b.put(key=b"x", vlaue=b"y")
+            with pytest.raises(TypeError, match="'ky'"):
+                b.delete(ky=b"x")
+            b.put(key=b"after", value=b"1")
+    with walstate.open(path, sync="none") as db:  # the keyword writes were logged
+        assert db.get(b"k") is None and db.get(key=b"b1") == b"x" and db.get(b"m") == b"w"
+        assert db.get(b"after") == b"1" and db.get(b"x") is None

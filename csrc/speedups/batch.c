@@ -82,8 +82,18 @@ static int bo_add(BatchOps *b, PyObject *key, PyObject *value)
     return 1;
 }
 
-static PyObject *bo_put(BatchOps *b, PyObject *const *args, Py_ssize_t nargs)
+static const char *const put_names[] = {"key", "value"};
+static const char *const delete_names[] = {"key"};
+
+/* put(key, value), by position or keyword (put in place first) */
+static PyObject *bo_put(BatchOps *b, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    PyObject *kw[2];
+    if (kwnames) {
+        if (sp_kwargs("put", args, nargs, kwnames, put_names, 2, 2, kw) < 0)
+            return NULL;
+        args = kw, nargs = 2;
+    }
     int rc = nargs == 2 && args[1] != Py_None ? bo_add(b, args[0], args[1]) : 0;
     if (rc < 0)
         return NULL;
@@ -96,8 +106,16 @@ static PyObject *bo_put(BatchOps *b, PyObject *const *args, Py_ssize_t nargs)
     return PyObject_Vectorcall(b->slow_put, args, (size_t)nargs, NULL);
 }
 
-static PyObject *bo_delete(BatchOps *b, PyObject *const *args, Py_ssize_t nargs)
+/* delete(key), by position or keyword */
+static PyObject *bo_delete(BatchOps *b, PyObject *const *args, Py_ssize_t nargs,
+                           PyObject *kwnames)
 {
+    PyObject *kw[1];
+    if (kwnames) {
+        if (sp_kwargs("delete", args, nargs, kwnames, delete_names, 1, 1, kw) < 0)
+            return NULL;
+        args = kw, nargs = 1;
+    }
     int rc = nargs == 1 ? bo_add(b, args[0], Py_None) : 0;
     if (rc < 0)
         return NULL;
@@ -111,8 +129,9 @@ static PyObject *bo_delete(BatchOps *b, PyObject *const *args, Py_ssize_t nargs)
 }
 
 static PyMethodDef bo_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))bo_put, METH_FASTCALL, "put(key, value): Batch.put"},
-    {"delete", (PyCFunction)(void (*)(void))bo_delete, METH_FASTCALL,
+    {"put", (PyCFunction)(void (*)(void))bo_put, METH_FASTCALL | METH_KEYWORDS,
+     "put(key, value): Batch.put"},
+    {"delete", (PyCFunction)(void (*)(void))bo_delete, METH_FASTCALL | METH_KEYWORDS,
      "delete(key): Batch.delete"},
     {NULL, NULL, 0, NULL},
 };

@@ -97,8 +97,19 @@ static void hot_dealloc(Hot *h)
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
-static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs)
+static const char *const put_names[] = {"key", "value"};
+static const char *const get_names[] = {"key", "default"};
+
+/* put(key, value) -> LSN; by position (the fast path as it is), or by keyword:
+ * then the arguments are put in place first. */
+static PyObject *hot_put(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    PyObject *kw[2];
+    if (kwnames) {
+        if (sp_kwargs("put", args, nargs, kwnames, put_names, 2, 2, kw) < 0)
+            return NULL;
+        args = kw, nargs = 2;
+    }
     PyObject *table = h->table;
     if (nargs != 2 || !h->writable || h->busy || !h->put || !table ||
         !PyDict_CheckExact(table) || !h->slow_put || !h->ack)
@@ -149,8 +160,15 @@ slow:
     return PyObject_Vectorcall(h->slow_put, args, (size_t)nargs, NULL);
 }
 
-static PyObject *hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs)
+/* get(key, default=None) */
+static PyObject *hot_get(Hot *h, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    PyObject *kw[2];
+    if (kwnames) {
+        if (sp_kwargs("get", args, nargs, kwnames, get_names, 2, 1, kw) < 0)
+            return NULL;
+        args = kw, nargs = kw[1] ? 2 : 1;
+    }
     PyObject *table = h->table;
     if (nargs < 1 || nargs > 2 || !table || !PyDict_CheckExact(table) ||
         !PyBytes_CheckExact(args[0]))
@@ -216,9 +234,9 @@ static PyObject *hot_set_wal(Hot *h, PyObject *args)
 }
 
 static PyMethodDef hot_methods[] = {
-    {"put", (PyCFunction)(void (*)(void))hot_put, METH_FASTCALL,
+    {"put", (PyCFunction)(void (*)(void))hot_put, METH_FASTCALL | METH_KEYWORDS,
      "put(key, value) -> LSN: Engine.put (the general case in slow_put)"},
-    {"get", (PyCFunction)(void (*)(void))hot_get, METH_FASTCALL,
+    {"get", (PyCFunction)(void (*)(void))hot_get, METH_FASTCALL | METH_KEYWORDS,
      "get(key, default=None): Engine.get (the general case in slow_get)"},
     {"set_wal", (PyCFunction)hot_set_wal, METH_VARARGS,
      "set_wal(put, wal, sync=0): the addresses of wal_put_nowait, the handle and wal_sync "
