@@ -112,6 +112,7 @@ void wal_test_fault(int op, uint64_t nth, int err, int persistent);
 uint64_t wal_test_calls(int op);
 void wal_test_killpoint(const char *name, uint64_t nth);
 int wal_test_sync_trace(const char *path);
+void wal_test_callpoint(const char *name, void (*fn)(void));
 const char *wal_strerror(int rc);
 """
 

@@ -48,6 +48,7 @@ int h_unlink(const char *path);
  * the foreground's calls: no segment is made ahead then). */
 int h_faults_armed(void);
 void h_killpoint(const char *name);
+void h_callpoint(const char *name);
 void h_sync_trace(uint64_t seg_first_lsn, uint64_t offset);
 
 /* ---- wal_segment.c: naming, creation, listing, directory fsync ---- */

@@ -219,6 +219,7 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
         free(r);
         return rc;
     }
+    h_callpoint("reader_open");
     uint64_t last = 0;
     int lr = last_read(dir, &last);
     if (lr < 0 && lr != WAL_ECORRUPT) {
