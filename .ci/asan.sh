@@ -12,7 +12,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 TESTS=(tests/test_wal.py tests/test_wal_fuzz.py tests/test_crc32c.py tests/test_speedups.py tests/test_replay.py
-       tests/test_wal_endhint.py)
+       tests/test_wal_endhint.py tests/test_wal_reader_race.py)
 
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/walstate-asan.XXXXXX")
 if [ "${KEEP:-0}" != 1 ]; then

@@ -209,7 +209,8 @@ void wal_test_killpoint(const char *name, uint64_t nth);
 int wal_test_sync_trace(const char *path);
 /* Calls fn() (in the thread that gets there, no lock held) whenever the named
  * point is reached: a test makes something happen at an exact moment, e.g. a
- * writer's segment switch inside wal_reader_open ("reader_open"). name "" or
+ * writer's segment switch inside wal_reader_open ("reader_open": between
+ * reading LAST and listing the segments). name "" or
  * fn NULL disables. */
 void wal_test_callpoint(const char *name, void (*fn)(void));
 

@@ -214,18 +214,24 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
     snprintf(r->dir, sizeof r->dir, "%s", dir);
     r->system_id = system_id;
     r->from_lsn = from_lsn;
+    /* LAST before the listing: a writer publishes LAST only once the segment
+     * it names has its name (renamed, directory fsynced), and the newest
+     * segment is never removed, so every segment LAST named when it was read
+     * is in a listing made after. Listing first, a segment switch in between
+     * would make the new LAST name a segment the listing lacks: "the newest
+     * segment is lost", wrongly. A listing newer than LAST is fine (LAST is
+     * a lower bound). */
+    uint64_t last = 0;
+    int lr = last_read(dir, &last);
+    if (lr < 0 && lr != WAL_ECORRUPT) {
+        free(r);
+        return lr;
+    }
+    h_callpoint("reader_open");
     int rc = seg_list(dir, &r->segs, &r->nsegs);
     if (rc < 0) {
         free(r);
         return rc;
-    }
-    h_callpoint("reader_open");
-    uint64_t last = 0;
-    int lr = last_read(dir, &last);
-    if (lr < 0 && lr != WAL_ECORRUPT) {
-        free(r->segs);
-        free(r);
-        return lr;
     }
     if (lr == WAL_ECORRUPT || (lr == 0 && (r->nsegs == 0 || last > r->segs[r->nsegs - 1]))) {
         /* the newest segment ever created is gone (or LAST is unreadable) */
