@@ -390,3 +390,23 @@ def test_engine_calls_take_keywords(tmp_path):
     with walstate.open(path, sync="none") as db:  # the keyword writes were logged
         assert db.get(b"k") is None and db.get(key=b"b1") == b"x" and db.get(b"m") == b"w"
         assert db.get(b"after") == b"1" and db.get(b"x") is None
+
+
+def test_every_c_file_is_built_by_every_build():
+    """csrc/build_ffi.py (walstate._walc), fuzz/build.sh and .ci/asan.sh name
+    the same files: every csrc/*.c once; setup.py and .ci/asan.sh build every
+    csrc/speedups/*.c into walstate._speedups."""
+    import ast
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    text = (repo / "csrc" / "build_ffi.py").read_text()
+    sources = ast.literal_eval(re.search(r"SOURCES = (\[[^\]]*\])", text).group(1))
+    fuzz = re.search(r"SRC=\(([^)]*)\)", (repo / "fuzz" / "build.sh").read_text()).group(1)
+    on_disk = sorted(p.name for p in (repo / "csrc").glob("*.c"))
+    assert sorted(sources) == sorted(fuzz.split()) == on_disk
+    assert len(set(sources)) == len(sources)
+    assert 'glob.glob("csrc/speedups/*.c")' in (repo / "setup.py").read_text()
+    assert '"$REPO"/csrc/speedups/*.c' in (repo / ".ci" / "asan.sh").read_text()
+    assert list((repo / "csrc" / "speedups").glob("*.c"))
