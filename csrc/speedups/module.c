@@ -17,6 +17,12 @@
  * The record framing was validated by the C reader (CRC, bounds); the
  * payloads are still checked here before use: a malformed one is ValueError.
  * Payload encodings: docs/FORMAT.md, "Payloads".
+ *
+ * Files: hot.c (Hot), batch.c (BatchOps, encode_batch), replay.c (Replay),
+ * sort.c (sorted_items), this one (the module, its constants from
+ * wal_format.h, keyword arguments); speedups.h declares what they share.
+ * Hot.put/get and BatchOps.put/delete also take their arguments by keyword
+ * (key, value / key, default / key), as the engine's public methods do.
  */
 #include "speedups.h"
 
