@@ -214,7 +214,6 @@ static inline void wal_poison(wal_t *w, int rc)
 /* wal_t.prep_state (wal_prepare.c) */
 enum { PREP_NONE, PREP_IDLE, PREP_WANTED, PREP_BUSY, PREP_OFF };
 
-
 /* wal_sync.c: group commit and fsync statistics */
 uint64_t wal_now_ns(void);
 /* Requires mu. Counts an fdatasync that took ns. */
