@@ -23,6 +23,7 @@ static struct {
 static char kill_name[128];
 static uint64_t kill_nth, kill_seen;
 static int trace_fd = -1;
+static _Thread_local int untracked; /* this thread's calls take no injected fault */
 static char call_name[128];
 static void (*call_fn)(void);
 
@@ -117,10 +118,15 @@ int wal_test_sync_trace(const char *path)
     return rc;
 }
 
+void h_untracked_thread(void)
+{
+    untracked = 1;
+}
+
 /* 0: proceed; >0: short write; <0: the injected error. */
 static int fault(int op)
 {
-    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE))
+    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE) || untracked)
         return 0;
     int rc = 0;
     pthread_mutex_lock(&hook_mu);

@@ -47,6 +47,11 @@ int h_unlink(const char *path);
 /* 1 while a test injects errors on the nth call (the counts must stay those of
  * the foreground's calls: no segment is made ahead then). */
 int h_faults_armed(void);
+/* The calling thread's system calls are neither counted nor failed by
+ * wal_test_fault (the preparer: a fault a test injects is meant for the
+ * foreground's nth call, and a spare being made when it is armed must not
+ * take it -- it would poison the log behind the foreground's back). */
+void h_untracked_thread(void);
 void h_killpoint(const char *name);
 void h_callpoint(const char *name);
 void h_sync_trace(uint64_t seg_first_lsn, uint64_t offset);

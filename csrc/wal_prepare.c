@@ -14,6 +14,7 @@
 static void *prep_main(void *arg)
 {
     wal_t *w = arg;
+    h_untracked_thread();
     pthread_mutex_lock(&w->mu);
     while (!w->prep_stop) {
         if (w->prep_state != PREP_WANTED) {
