@@ -12,7 +12,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-python3}
 TESTS=(tests/wal/test_wal.py tests/wal/test_wal_fuzz.py tests/wal/test_crc32c.py tests/engine/test_speedups.py
-       tests/engine/test_replay.py tests/wal/test_wal_endhint.py)
+       tests/engine/test_replay.py tests/wal/test_wal_endhint.py tests/wal/test_wal_reader_race.py)
 
 BUILD=$(mktemp -d "${TMPDIR:-/tmp}/walstate-asan.XXXXXX")
 if [ "${KEEP:-0}" != 1 ]; then
@@ -55,8 +55,8 @@ cp "$SO" "$BUILD/pkg/walstate/"
 EXT=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 INC=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
 gcc -shared -fPIC -O1 -g -std=c11 -Wall -Wextra -Werror -fsanitize=address,undefined \
-    -fno-omit-frame-pointer -I"$INC" -I"$REPO/csrc" "$REPO/csrc/speedups.c" \
-    -o "$BUILD/pkg/walstate/_speedups$EXT"
+    -fno-omit-frame-pointer -fvisibility=hidden -I"$INC" -I"$REPO/csrc" -I"$REPO/csrc/speedups" \
+    "$REPO"/csrc/speedups/*.c -o "$BUILD/pkg/walstate/_speedups$EXT"
 
 # 3. run the tests against it: PYTHONPATH puts the sanitized package first (the
 #    editable install's finder comes after sys.path); the cwd is not the repo, so

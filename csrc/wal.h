@@ -207,6 +207,12 @@ void wal_test_killpoint(const char *name, uint64_t nth);
 /* Appends "segment offset\n" to file `path` after every successful segment
  * fdatasync ("" disables): the durable prefix of each segment, for power-loss tests. */
 int wal_test_sync_trace(const char *path);
+/* Calls fn() (in the thread that gets there, no lock held) whenever the named
+ * point is reached: a test makes something happen at an exact moment, e.g. a
+ * writer's segment switch inside wal_reader_open ("reader_open": between
+ * reading LAST and listing the segments). name "" or
+ * fn NULL disables. */
+void wal_test_callpoint(const char *name, void (*fn)(void));
 
 /* Message for a return code; static storage. */
 const char *wal_strerror(int rc);

@@ -44,5 +44,24 @@
 #define WAL_TYPE_BATCH 3u
 #define WAL_TYPE_IGNORABLE 0x80u /* readers that do not know such a type skip it */
 #define WAL_TYPE_NOOP 0x80u
+#define WAL_TYPE_SHUTDOWN 0x81u /* ignorable, empty: a clean close (no LSN handed out after it) */
+#define WAL_TYPE_SESSION 0x82u  /* ignorable, empty: a writable session began (synced first) */
+
+/* Payloads (docs/FORMAT.md, "Payloads"):
+ *   PUT    = u16 key length | key | value
+ *   DELETE = key
+ *   BATCH  = u32 count, then per operation u8 op | u16 key length |
+ *            u32 value length (0 for a delete) | key | value */
+#define WAL_PUT_HDR_SIZE 2u      /* the u16 key length */
+#define WAL_BATCH_HDR_SIZE 4u    /* the u32 count */
+#define WAL_BATCH_OP_HDR_SIZE 7u /* op, key length, value length */
+#define WAL_BATCH_OP_PUT 1u
+#define WAL_BATCH_OP_DELETE 2u
+
+/* The engine's limits (docs/FORMAT.md): keys 1..WAL_MAX_KEY bytes (LMDB's
+ * key limit), values at most WAL_MAX_VALUE bytes; a whole record's payload
+ * (a batch) at most WAL_REC_MAX_PAYLOAD. */
+#define WAL_MAX_KEY 511u
+#define WAL_MAX_VALUE (64u * 1024u * 1024u) /* 64 MiB */
 
 #endif

@@ -1,6 +1,7 @@
 /* System calls as the WAL makes them, through test hooks that stay inert
  * (one relaxed load) unless a test enables them: injected errors on the nth
- * call, named kill points, and a trace of durable segment prefixes. */
+ * call, named kill points, named call points, and a trace of durable segment
+ * prefixes. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -22,10 +23,13 @@ static struct {
 static char kill_name[128];
 static uint64_t kill_nth, kill_seen;
 static int trace_fd = -1;
+static _Thread_local int untracked; /* this thread's calls take no injected fault */
+static char call_name[128];
+static void (*call_fn)(void);
 
 static void refresh_on(void)
 {
-    int on = kill_name[0] != 0 || trace_fd >= 0;
+    int on = kill_name[0] != 0 || trace_fd >= 0 || call_fn != NULL;
     for (int i = 0; i < WAL_OP_COUNT; i++)
         on |= faults[i].nth != 0;
     __atomic_store_n(&hooks_on, on, __ATOMIC_RELEASE);
@@ -77,6 +81,26 @@ void wal_test_killpoint(const char *name, uint64_t nth)
     pthread_mutex_unlock(&hook_mu);
 }
 
+void wal_test_callpoint(const char *name, void (*fn)(void))
+{
+    pthread_mutex_lock(&hook_mu);
+    snprintf(call_name, sizeof call_name, "%s", name ? name : "");
+    call_fn = call_name[0] ? fn : NULL;
+    refresh_on();
+    pthread_mutex_unlock(&hook_mu);
+}
+
+void h_callpoint(const char *name)
+{
+    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE))
+        return;
+    pthread_mutex_lock(&hook_mu);
+    void (*fn)(void) = call_fn && strcmp(call_name, name) == 0 ? call_fn : NULL;
+    pthread_mutex_unlock(&hook_mu);
+    if (fn)
+        fn();
+}
+
 int wal_test_sync_trace(const char *path)
 {
     int rc = 0;
@@ -94,10 +118,15 @@ int wal_test_sync_trace(const char *path)
     return rc;
 }
 
+void h_untracked_thread(void)
+{
+    untracked = 1;
+}
+
 /* 0: proceed; >0: short write; <0: the injected error. */
 static int fault(int op)
 {
-    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE))
+    if (!__atomic_load_n(&hooks_on, __ATOMIC_ACQUIRE) || untracked)
         return 0;
     int rc = 0;
     pthread_mutex_lock(&hook_mu);

@@ -42,28 +42,6 @@ struct wal_reader {
     wal_end_t end;
 };
 
-int rec_parse(const uint8_t *buf, size_t len, size_t off, uint32_t salt, wal_record_t *rec)
-{
-    if (off > len || len - off < WAL_REC_HDR_SIZE)
-        return 0;
-    const uint8_t *p = buf + off;
-    uint32_t plen = get32(p + 4);
-    if (plen > WAL_REC_MAX_PAYLOAD || (uint64_t)plen > len - off - WAL_REC_HDR_SIZE)
-        return 0;
-    uint64_t lsn = get64(p + 8), synced = get64(p + 16);
-    if (lsn == 0 || synced >= lsn || p[24] == 0 || (p[25] | p[26] | p[27]) != 0)
-        return 0;
-    if (wal_crc32c(salt, p + 4, WAL_REC_HDR_SIZE - 4 + (size_t)plen) != get32(p))
-        return 0;
-    rec->lsn = lsn;
-    rec->synced_lsn = synced;
-    rec->type = p[24];
-    rec->len = plen;
-    rec->payload = p + WAL_REC_HDR_SIZE;
-    rec->offset = off;
-    return 1;
-}
-
 static void stop(wal_reader_t *r, int status, int rc, size_t off)
 {
     r->end.status = status;
@@ -236,17 +214,24 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
     snprintf(r->dir, sizeof r->dir, "%s", dir);
     r->system_id = system_id;
     r->from_lsn = from_lsn;
+    /* LAST before the listing: a writer publishes LAST only once the segment
+     * it names has its name (renamed, directory fsynced), and the newest
+     * segment is never removed, so every segment LAST named when it was read
+     * is in a listing made after. Listing first, a segment switch in between
+     * would make the new LAST name a segment the listing lacks: "the newest
+     * segment is lost", wrongly. A listing newer than LAST is fine (LAST is
+     * a lower bound). */
+    uint64_t last = 0;
+    int lr = last_read(dir, &last);
+    if (lr < 0 && lr != WAL_ECORRUPT) {
+        free(r);
+        return lr;
+    }
+    h_callpoint("reader_open");
     int rc = seg_list(dir, &r->segs, &r->nsegs);
     if (rc < 0) {
         free(r);
         return rc;
-    }
-    uint64_t last = 0;
-    int lr = last_read(dir, &last);
-    if (lr < 0 && lr != WAL_ECORRUPT) {
-        free(r->segs);
-        free(r);
-        return lr;
     }
     if (lr == WAL_ECORRUPT || (lr == 0 && (r->nsegs == 0 || last > r->segs[r->nsegs - 1]))) {
         /* the newest segment ever created is gone (or LAST is unreadable) */

@@ -1,6 +1,5 @@
 /* Cutting the log at a point (a torn tail, or point-in-time recovery), never
- * without a copy: the cut bytes go to a ".broken" file first. And the
- * messages for return codes. */
+ * without a copy: the cut bytes go to a ".broken" file first. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -105,30 +104,3 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
     return rc;
 }
 
-const char *wal_strerror(int rc)
-{
-    switch (rc) {
-    case 0:
-        return "success";
-    case WAL_ECORRUPT:
-        return "invalid WAL data followed by valid records (corruption)";
-    case WAL_EMISMATCH:
-        return "WAL segment belongs to another data directory (system_id)";
-    case WAL_EVERSION:
-        return "unknown WAL format version";
-    case WAL_EGAP:
-        return "the WAL does not reach back to the requested LSN (gap)";
-    case WAL_ETORN:
-        return "the last WAL segment ends in a torn record; cut it first";
-    case WAL_EPOISONED:
-        return "an earlier write or fdatasync failed; the log accepts nothing until reopened";
-    case WAL_ETOOBIG:
-        return "record payload above the 1 GiB limit";
-    case WAL_EINVAL:
-        return "invalid argument";
-    case WAL_EAGAIN:
-        return "the append would wait or do I/O";
-    default:
-        return rc < 0 && rc > -1000 ? strerror(-rc) : "unknown error";
-    }
-}

@@ -1,6 +1,7 @@
-/* Segment files: naming, the header, atomic creation with preallocation,
- * listing, and directory fsync. The one place that knows the layout of the
- * WAL directory. */
+/* Segment files: naming, the header, atomic creation with preallocation (and
+ * the spare made ahead), wal/LAST, listing, removal of old segments and of
+ * crash leftovers, directory fsync, reading a segment file. The one place
+ * that knows the layout of the WAL directory. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <errno.h>
@@ -389,4 +390,80 @@ int file_read_all(const char *path, uint8_t **buf, size_t *len, uint64_t *size_o
     *buf = b;
     *len = n;
     return 0;
+}
+
+/* Removes *.tmp left by a crash during segment creation. */
+int seg_remove_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return -errno;
+    struct dirent *e;
+    int removed = 0, rc = 0;
+    while ((e = readdir(d)) != NULL) {
+        size_t n = strlen(e->d_name);
+        uint64_t lsn;
+        if (strcmp(e->d_name, WAL_LAST_NAME ".tmp") == 0 ||
+            strcmp(e->d_name, WAL_END_NAME ".tmp") == 0 ||
+            (n == 26 && strncmp(e->d_name, "spare-", 6) == 0 &&
+             strspn(e->d_name + 6, "0123456789abcdef") == 16 &&
+             strcmp(e->d_name + 22, ".tmp") == 0)) { /* a next segment made ahead */
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+            continue;
+        }
+        if (n == WAL_SEG_NAME_LEN + 4 && strcmp(e->d_name + WAL_SEG_NAME_LEN, ".tmp") == 0) {
+            char name[WAL_SEG_NAME_LEN + 1];
+            memcpy(name, e->d_name, WAL_SEG_NAME_LEN);
+            name[WAL_SEG_NAME_LEN] = 0;
+            if (!seg_parse_name(name, &lsn))
+                continue;
+            char path[WAL_PATH_MAX + 64];
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            if ((rc = h_unlink(path)) < 0)
+                break;
+            removed = 1;
+        }
+    }
+    closedir(d);
+    if (rc == 0 && removed)
+        rc = dir_fsync(dir);
+    return rc;
+}
+
+int wal_remove_below(wal_t *w, uint64_t lsn, uint64_t *bytes_removed, uint64_t *segs_removed)
+{
+    *bytes_removed = *segs_removed = 0;
+    pthread_mutex_lock(&w->mu);
+    uint64_t cur = w->hdr.first_lsn;
+    pthread_mutex_unlock(&w->mu);
+    uint64_t *segs;
+    size_t n;
+    int rc = seg_list(w->dir, &segs, &n);
+    if (rc < 0)
+        return rc;
+    /* Oldest first, so that a crash half-way leaves a contiguous log. Segment i
+     * holds LSNs below segs[i+1]; the current segment is never removed. */
+    for (size_t i = 0; i + 1 < n && segs[i] < cur && segs[i + 1] <= lsn + 1; i++) {
+        char path[WAL_PATH_MAX + 64];
+        struct stat st;
+        seg_name(path, sizeof path, w->dir, segs[i]);
+        uint64_t size = stat(path, &st) == 0 ? (uint64_t)st.st_size : 0;
+        h_killpoint("remove_before_unlink");
+        if ((rc = h_unlink(path)) < 0)
+            break;
+        *bytes_removed += size;
+        (*segs_removed)++;
+    }
+    free(segs);
+    if (*segs_removed) {
+        int rc2 = dir_fsync(w->dir);
+        if (rc == 0)
+            rc = rc2;
+        h_killpoint("remove_after_fsync");
+    }
+    return rc;
 }

@@ -7,7 +7,8 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${1:?usage: fuzz/build.sh OUTPUT}
 CC=${CC:-clang}
-SRC=(crc32c.c wal_hooks.c wal_segment.c wal_reader.c wal_writer.c wal_repair.c wal_endhint.c)
+SRC=(crc32c.c wal_hooks.c wal_errors.c wal_record.c wal_segment.c wal_reader.c
+     wal_open.c wal_writer.c wal_sync.c wal_prepare.c wal_repair.c wal_endhint.c)
 ARGS=()
 for s in "${SRC[@]}"; do ARGS+=("$REPO/csrc/$s"); done
 "$CC" -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \

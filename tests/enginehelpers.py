@@ -110,6 +110,8 @@ def tree_digest(path: str) -> dict[str, str]:
             out[os.path.relpath(os.path.join(root, d), path) + "/"] = "dir"
         for f in files:
             p = os.path.join(root, f)
+            if not os.path.isfile(p):
+                continue  # the CONTROL socket
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
     return out

@@ -19,7 +19,7 @@ Rules (docs/OPERATIONS.md, "Archiving"):
   hole that no restore can cross, recorded in the status as ``holes``.
 
 Which segments a checkpoint at LSN X removes mirrors wal_remove_below in
-csrc/wal_writer.c: segment i goes when a later segment exists and starts at
+csrc/wal_segment.c: segment i goes when a later segment exists and starts at
 or below X + 1; never the last one.
 """
 

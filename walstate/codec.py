@@ -17,18 +17,19 @@ PUT = lib.WAL_TYPE_PUT
 DELETE = lib.WAL_TYPE_DELETE
 BATCH = lib.WAL_TYPE_BATCH
 IGNORABLE = lib.WAL_TYPE_IGNORABLE
-SHUTDOWN = IGNORABLE | 1  # written by a clean close: no LSN was handed out after it
-SESSION = IGNORABLE | 2   # written (and synced) by a writable open: the log is in use
+SHUTDOWN = lib.WAL_TYPE_SHUTDOWN  # written by a clean close: no LSN was handed out after it
+SESSION = lib.WAL_TYPE_SESSION    # written (and synced) by a writable open: the log is in use
 
-MAX_KEY = 511
-MAX_VALUE = 64 * 1024 * 1024
+MAX_KEY = lib.WAL_MAX_KEY
+MAX_VALUE = lib.WAL_MAX_VALUE
 MAX_RECORD = lib.WAL_REC_MAX_PAYLOAD
 REC_HEADER = lib.WAL_REC_HDR_SIZE  # bytes of framing per record
 
 _BATCH_HEAD = struct.Struct("<I")
 _BATCH_OP = struct.Struct("<BHI")
-OP_PUT = 1
-OP_DELETE = 2
+OP_PUT = lib.WAL_BATCH_OP_PUT
+OP_DELETE = lib.WAL_BATCH_OP_DELETE
+BATCH_OP_HEADER = lib.WAL_BATCH_OP_HDR_SIZE  # bytes per operation before its key
 
 TYPE_NAMES = {PUT: "PUT", DELETE: "DELETE", BATCH: "BATCH"}
 

@@ -87,9 +87,10 @@ class Batch:
     def _add(self, key: bytes, value: bytes | None) -> None:
         if self._done:
             raise ClosedError("this batch has already been committed or discarded")
-        self._size += 7 + len(key) + (len(value) if value is not None else 0)
+        n = codec.BATCH_OP_HEADER + len(key) + (len(value) if value is not None else 0)
+        self._size += n
         if self._size > codec.MAX_RECORD:
-            self._size -= 7 + len(key) + (len(value) if value is not None else 0)
+            self._size -= n
             raise ValueError(f"batch larger than the {codec.MAX_RECORD} byte record limit")
         self._ops.append((key, value))
 
@@ -98,7 +99,7 @@ class Batch:
             key = codec.as_key(key)
         if type(value) is not bytes or len(value) > codec.MAX_VALUE:
             value = codec.as_value(value)
-        size = self._size + 7 + len(key) + len(value)
+        size = self._size + codec.BATCH_OP_HEADER + len(key) + len(value)
         if size > codec.MAX_RECORD or self._done:  # the general case raises
             return self._add(key, value)
         self._size = size

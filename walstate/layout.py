@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -79,6 +80,20 @@ class Layout:
     @property
     def archive_status(self) -> str:
         return os.path.join(self.root, ARCHIVE_STATUS)
+
+
+def not_files(directory: str, names: list[str]) -> set[str]:
+    """For ``shutil.copytree(ignore=...)``: the entries that are neither files
+    nor directories (the CONTROL socket), which a copy of DIR leaves out."""
+    out = set()
+    for n in names:
+        try:
+            st = os.lstat(os.path.join(directory, n))
+        except OSError:
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            out.add(n)
+    return out
 
 
 def fsync_dir(path: str) -> None:

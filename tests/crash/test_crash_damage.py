@@ -22,6 +22,7 @@ import pytest
 from conftest import corrupt
 
 import walstate
+from walstate.layout import not_files
 from walstate.wal import WalReader, list_segments
 
 KiB = 1024
@@ -72,7 +73,7 @@ def crashed(tmp_path_factory):
 def _copy(src: str, work: str, name: str) -> str:
     dst = os.path.join(work, name)
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=not_files)
     return dst
 
 
@@ -279,8 +280,8 @@ def checkpointed(tmp_path_factory):
     first = items(db)
     old_snap = str(root / "old-snapshot")
     old_wal = str(root / "old-wal")
-    shutil.copytree(os.path.join(path, "snapshot"), old_snap)
-    shutil.copytree(os.path.join(path, "wal"), old_wal)
+    shutil.copytree(os.path.join(path, "snapshot"), old_snap, ignore=not_files)
+    shutil.copytree(os.path.join(path, "wal"), old_wal, ignore=not_files)
     for i in range(3000):
         db.put(b"key%05d" % i, b"second%d" % i)
     db.checkpoint()
@@ -354,7 +355,7 @@ def test_snapshot_older_than_the_wal_is_loud_or_complete(checkpointed, tmp_path)
     src, _first, final, old_snap, _ow = checkpointed
     path = _copy(src, str(tmp_path), "o")
     shutil.rmtree(os.path.join(path, "snapshot"))
-    shutil.copytree(old_snap, os.path.join(path, "snapshot"))
+    shutil.copytree(old_snap, os.path.join(path, "snapshot"), ignore=not_files)
     try:
         db = walstate.open(path, **OPTS)
     except walstate.MismatchError:
@@ -367,7 +368,7 @@ def test_snapshot_newer_than_the_wal_never_goes_back(checkpointed, tmp_path):
     src, _first, final, _os, old_wal = checkpointed
     path = _copy(src, str(tmp_path), "n")
     shutil.rmtree(os.path.join(path, "wal"))
-    shutil.copytree(old_wal, os.path.join(path, "wal"))
+    shutil.copytree(old_wal, os.path.join(path, "wal"), ignore=not_files)
     try:
         db = walstate.open(path, **OPTS)
     except (walstate.MismatchError, walstate.CorruptionError):

@@ -24,6 +24,7 @@ import pytest
 
 import walstate
 from walstate import _hooks
+from walstate.layout import not_files
 from walstate.testing import History, check_recovered
 
 KiB = 1024
@@ -99,7 +100,7 @@ def run_case(template, op: str, nth: int, persistent: bool, scenario: str,
     """One injected fault. Returns (fired, outcome); asserts the contract."""
     src, base = template
     path = os.path.join(work, f"{scenario}-{op}-{nth}-{int(persistent)}")
-    shutil.copytree(src, path)
+    shutil.copytree(src, path, ignore=not_files)
     sync = "none" if scenario == "sync" else "always"
     rec = Recorder()
     _hooks.clear()
@@ -213,7 +214,7 @@ def test_write_eio_poisons_and_nothing_is_acknowledged_after(template):
     work = _fast_tmp()
     try:
         path = os.path.join(work, "db")
-        shutil.copytree(template[0], path)
+        shutil.copytree(template[0], path, ignore=not_files)
         db = walstate.open(path, **OPTS)
         acked: dict[bytes, bytes] = {}
         errors: list[BaseException] = []

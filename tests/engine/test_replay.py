@@ -1,4 +1,4 @@
-"""Recovery's inner loop: the C version (walstate._speedups.Replay, csrc/speedups.c)
+"""Recovery's inner loop: the C version (walstate._speedups.Replay, csrc/speedups/replay.c)
 and its Python twin give the same table, stop at the same records, and refuse
 malformed payloads."""
 

@@ -267,3 +267,23 @@ def test_the_first_writes_after_a_clean_reopen_start_one_session(tmp_path):
     assert types.count(codec.SESSION) == 2 and types.count(codec.PUT) == 201
     with walstate.open(path, read_only=True) as ro:
         assert ro.get(b"t3-49") == b"v" and ro.get(b"seed") == b"0"
+
+
+def test_every_c_file_is_built_by_every_build():
+    """csrc/build_ffi.py (walstate._walc), fuzz/build.sh and .ci/asan.sh name
+    the same files: every csrc/*.c once; setup.py and .ci/asan.sh build every
+    csrc/speedups/*.c into walstate._speedups."""
+    import ast
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    text = (repo / "csrc" / "build_ffi.py").read_text()
+    sources = ast.literal_eval(re.search(r"SOURCES = (\[[^\]]*\])", text).group(1))
+    fuzz = re.search(r"SRC=\(([^)]*)\)", (repo / "fuzz" / "build.sh").read_text()).group(1)
+    on_disk = sorted(p.name for p in (repo / "csrc").glob("*.c"))
+    assert sorted(sources) == sorted(fuzz.split()) == on_disk
+    assert len(set(sources)) == len(sources)
+    assert 'glob.glob("csrc/speedups/*.c")' in (repo / "setup.py").read_text()
+    assert '"$REPO"/csrc/speedups/*.c' in (repo / ".ci" / "asan.sh").read_text()
+    assert list((repo / "csrc" / "speedups").glob("*.c"))

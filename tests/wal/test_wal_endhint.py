@@ -20,6 +20,7 @@ from conftest import SMALL_SEGMENT, SYSTEM_ID, build_wal, corrupt, read_wal
 
 import walstate
 from walstate import codec
+from walstate.layout import not_files
 from walstate.wal import Wal, WalReader, list_segments
 
 END_HDR = struct.Struct("<8sII QQII QQQ")  # 64 bytes
@@ -462,10 +463,13 @@ def test_copies_of_the_directory_at_each_step_open_with_everything_acknowledged(
     path = str(tmp_path / "db")
     fill(path, 200, segment_size=64 * 1024)
     wal = os.path.join(path, "wal")
-    copies = {"closed": shutil.copytree(path, str(tmp_path / "c-closed"))}
+    copies = {"closed": shutil.copytree(path, str(tmp_path / "c-closed"), ignore=not_files)}
     stale_end = open(end_path(wal), "rb").read()
     db = walstate.open(path, sync="always", segment_size=64 * 1024)
-    no_lock = shutil.ignore_patterns("LOCK")
+    lock_pattern = shutil.ignore_patterns("LOCK")
+
+    def no_lock(d, names):
+        return lock_pattern(d, names) | not_files(d, names)
     copies["open"] = shutil.copytree(path, str(tmp_path / "c-open"), ignore=no_lock)
     acked = {}
     for i in range(120):                             # crosses segments
@@ -475,11 +479,11 @@ def test_copies_of_the_directory_at_each_step_open_with_everything_acknowledged(
             c = shutil.copytree(path, str(tmp_path / f"c-{i}"), ignore=no_lock)
             copies[f"after{i}"] = c
             # the same copy with the END of the earlier close restored
-            m = shutil.copytree(c, c + "-stale")
+            m = shutil.copytree(c, c + "-stale", ignore=not_files)
             open(end_path(os.path.join(m, "wal")), "wb").write(stale_end)
             copies[f"after{i}-stale"] = m
     db.close()
-    copies["closed2"] = shutil.copytree(path, str(tmp_path / "c-closed2"))
+    copies["closed2"] = shutil.copytree(path, str(tmp_path / "c-closed2"), ignore=not_files)
     for name, c in copies.items():
         upto = 6 if name.startswith("after5") else 120 if name.startswith("after119") or \
             name == "closed2" else 0

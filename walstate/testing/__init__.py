@@ -69,7 +69,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..layout import Layout
+from ..layout import Layout, not_files
 from . import crashsim
 from .crashsim import FLAVORS, Trace, build_preload, crash_points, crash_states, read_tree
 
@@ -467,7 +467,7 @@ class _Campaign:
         if self.keep and st is not None and os.path.isdir(st.path):
             kept = os.path.join(self.work, "failures", f"run{run}-{os.path.basename(st.path)}")
             shutil.rmtree(kept, ignore_errors=True)
-            shutil.copytree(st.path, kept)
+            shutil.copytree(st.path, kept, ignore=not_files)
         f = Failure(run, st.events if st else -1, st.flavor if st else "-", kind, detail, kept)
         self.failures.append(f)
         if self.log:
@@ -478,7 +478,7 @@ class _Campaign:
         base: dict[bytes, bytes] = {}
         if start is not None:
             start_dir = os.path.join(self.work, "start0")
-            shutil.copytree(start, start_dir)
+            shutil.copytree(start, start_dir, ignore=not_files)
             with _open(start_dir, {"read_only": True}) as db:
                 base = _items(db)
         for run in range(self.runs):
@@ -498,7 +498,7 @@ class _Campaign:
         os.makedirs(world)
         world = os.path.realpath(world)
         if start_dir is not None and os.path.isdir(start_dir):
-            shutil.copytree(start_dir, os.path.join(world, _WORLD_DB))
+            shutil.copytree(start_dir, os.path.join(world, _WORLD_DB), ignore=not_files)
         initial = read_tree(world)
         trace_path = os.path.join(rdir, "trace")
         mark_path = os.path.join(rdir, "marks")
@@ -544,7 +544,7 @@ class _Campaign:
             want_kill = self.kill_every > 0 and self.n["states"] % self.kill_every == 0
             if want_chain or want_kill:
                 pristine = st.path + ".pristine"
-                shutil.copytree(st.path, pristine)
+                shutil.copytree(st.path, pristine, ignore=not_files)
             got = self.check_state(run, st, base, hist, pristine if want_kill else None)
             if got is not None and want_chain:
                 chained = (os.path.join(pristine, _WORLD_DB), got)  # type: ignore[arg-type]
@@ -620,7 +620,7 @@ class _Campaign:
                 _drop(db)
         if pristine is not None:
             kp = os.path.join(pristine + ".kill", _WORLD_DB)
-            shutil.copytree(os.path.join(pristine, _WORLD_DB), kp)
+            shutil.copytree(os.path.join(pristine, _WORLD_DB), kp, ignore=not_files)
             try:
                 rc = _kill_during_recovery(kp, opts, self.timeout)
                 if rc != -signal.SIGKILL:

@@ -444,6 +444,8 @@ def read_tree(root: str) -> dict[str, bytes | None]:
             out[rel] = None
         for name in filenames:
             p = os.path.join(dirpath, name)
+            if not os.path.isfile(p):
+                continue  # a socket (DIR/CONTROL) has no content
             with open(p, "rb") as f:
                 out[os.path.relpath(p, root)] = f.read()
     return out
