@@ -1,10 +1,13 @@
 """A 20-step LangGraph StateGraph used by the LangGraph tests; run as a script it
 is the child process that the SIGKILL test kills and resumes:
 
-    python lg_graphs.py DIR THREAD_ID
+    python lg_graphs.py DIR THREAD_ID [DURABILITY]
 
 prints ``durable STEP`` after every checkpoint put that returned and ``wrote N``
-after node N's writes were stored (so the parent knows what was acknowledged) and ``done STATE_JSON`` at the end.
+after node N's writes were stored (so the parent knows what was acknowledged),
+and ``done STATE_JSON`` at the end. DURABILITY is LangGraph's (``"sync"``: each
+step's checkpoint is stored before the next step starts; ``"async"``, its
+default: stored while the next step runs).
 """
 
 from __future__ import annotations
@@ -51,21 +54,22 @@ def expected(steps: int = STEPS) -> dict[str, Any]:
     return dict(build(None, steps).invoke(dict(INPUT)))
 
 
-def run_or_resume(graph: Any, thread_id: str) -> dict[str, Any]:
+def run_or_resume(graph: Any, thread_id: str, durability: str = "async") -> dict[str, Any]:
     """Runs the thread to its end, resuming from its last checkpoint if it has one."""
     config = {"configurable": {"thread_id": thread_id}}
     snap = graph.get_state(config)
     if snap.created_at is None:          # no checkpoint at all: start
-        return dict(graph.invoke(dict(INPUT), config))
+        return dict(graph.invoke(dict(INPUT), config, durability=durability))
     # continue (a finished thread returns its final state; ``snap.next`` is empty
     # also when the next task's writes are stored but not yet checkpointed)
-    return dict(graph.invoke(None, config))
+    return dict(graph.invoke(None, config, durability=durability))
 
 
 def main() -> None:
     from walstate.langgraph import WalstateSaver
 
     path, thread_id = sys.argv[1], sys.argv[2]
+    durability = sys.argv[3] if len(sys.argv) > 3 else "async"
     mu = threading.Lock()   # LangGraph puts from a background thread: one line at a time
 
     def say(*words: object) -> None:
@@ -87,7 +91,7 @@ def main() -> None:
 
     with Reporting.from_path(path, sync="always") as saver:
         say("ready")
-        final = run_or_resume(build(saver), thread_id)
+        final = run_or_resume(build(saver), thread_id, durability)
     say("done", json.dumps(final))
 
 
