@@ -15,9 +15,11 @@ One "checkpoint" is what a LangGraph super-step stores: ``put`` of a checkpoint
 (a ~2 KB message history) and ``put_writes`` of the node's writes. Printed:
 checkpoints per second (1 thread; N threads each on its own thread_id; N
 asyncio tasks) and ``get_tuple`` latency (newest checkpoint of a thread, median
-and p99), with each peer's ratio to walstate::
+and p99). The disk's fsync latency drifts (a shared machine), so the peers run
+in turn within each round and the ratios printed are the median over rounds of
+walstate's figure against the peer's figure of the same round::
 
-    python bench/langgraph_savers.py [--steps 200] [--threads 16] [--rounds 3] [--dir DIR]
+    python bench/langgraph_savers.py [--steps 60] [--threads 16] [--rounds 7] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ async def aget_latency(saver: BaseCheckpointSaver, thread_ids: list[str],
 
 
 def measure_sync(openers: dict[str, Callable], base: str, steps: int, threads: int,
-                 gets: int, rounds: int) -> dict[str, dict[str, float]]:
+                 gets: int, rounds: int) -> dict[str, dict[str, list[float]]]:
     """Every peer open at once, each in its own directory; the runs alternate
     between peers, ``rounds`` times, and the median of each is kept (the disk's
     fsync latency drifts: alternating exposes every peer to the same drift)."""
@@ -230,14 +232,14 @@ def measure_sync(openers: dict[str, Callable], base: str, steps: int, threads: i
                     med, p99 = get_latency(saver, [f"many{r}-{i}" for i in range(threads)], gets)
                     m.setdefault("get_tuple median", []).append(med)
                     m.setdefault("get_tuple p99", []).append(p99)
-        return {n: {k: statistics.median(v) for k, v in m.items()} for n, m in runs.items()}
+        return runs
     finally:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
 
 
 def measure_async(openers: dict[str, Callable], base: str, steps: int, tasks: int,
-                  gets: int, rounds: int) -> dict[str, dict[str, float]]:
+                  gets: int, rounds: int) -> dict[str, dict[str, list[float]]]:
     dirs = {n: tempfile.mkdtemp(prefix=f"lg-{n}-", dir=base) for n in openers}
     runs: dict[str, dict[str, list[float]]] = {n: {} for n in openers}
 
@@ -257,7 +259,7 @@ def measure_async(openers: dict[str, Callable], base: str, steps: int, tasks: in
 
     try:
         asyncio.run(main())
-        return {n: {k: statistics.median(v) for k, v in m.items()} for n, m in runs.items()}
+        return runs
     finally:
         for d in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
@@ -281,31 +283,34 @@ def walstate_get_after_checkpoint(base: str, steps: int, threads: int,
         shutil.rmtree(d, ignore_errors=True)
 
 
-def report(title: str, results: dict[str, dict[str, float]]) -> None:
+def report(title: str, runs: dict[str, dict[str, list[float]]]) -> None:
+    """Medians over the rounds, and the median over the rounds of walstate's
+    ratio to each peer in the same round (> 1: walstate better)."""
     print(f"\n{title}")
-    base = results["walstate"]
-    names = list(results)
-    print(f"  {'':24s}" + "".join(f"{n:>14s}" for n in names)
-          + "".join(f"{'walstate/' + n:>20s}" for n in names[1:]))
+    names = list(runs)
+    base = runs["walstate"]
+    print(f"  {'median of rounds':28s}" + "".join(f"{n:>12s}" for n in names)
+          + "".join(f"{'walstate/' + n:>18s}" for n in names[1:]))
     for metric in base:
         latency = "get_tuple" in metric
         unit = "us" if latency else "ckpt/s"
-        row = f"  {metric + ' (' + unit + ')':24s}"
-        row += "".join(f"{results[n][metric]:14.1f}" for n in names)
+        row = f"  {metric + ' (' + unit + ')':28s}"
+        row += "".join(f"{statistics.median(runs[n][metric]):12.1f}" for n in names)
         for n in names[1:]:
-            # ratio > 1: walstate better (more checkpoints/s, or lower latency)
-            mine, theirs = base[metric], results[n][metric]
-            r = theirs / mine if latency else mine / theirs
-            row += f"{r:19.2f}x"
+            pairs = zip(base[metric], runs[n][metric], strict=True)
+            r = statistics.median((t / m) if latency else (m / t) for m, t in pairs)
+            row += f"{r:17.2f}x"
         print(row)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200, help="checkpoints of the 1-thread run")
+    ap.add_argument("--steps", type=int, default=60,
+                    help="checkpoints of a 1-thread round (a 16-thread round: steps/4 each)")
     ap.add_argument("--threads", type=int, default=16, help="threads / asyncio tasks")
-    ap.add_argument("--gets", type=int, default=1000, help="get_tuple calls timed per round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating runs per peer (median)")
+    ap.add_argument("--gets", type=int, default=300, help="get_tuple calls timed per round")
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="rounds; each runs every peer in turn (medians over rounds)")
     ap.add_argument("--dir", default=os.environ.get("WALSTATE_BENCH_DIR"),
                     help="a directory on the disk to measure (default: the temp dir)")
     a = ap.parse_args(argv)
@@ -323,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     report("synchronous savers (put + put_writes per checkpoint)", res)
     ares = measure_async(async_peers, a.dir, a.steps, a.threads, a.gets, a.rounds)
     report("asyncio savers (aput + aput_writes per checkpoint)", ares)
-    before, after, p99, keys = walstate_get_after_checkpoint(a.dir, a.steps // 4, a.threads,
+    before, after, p99, keys = walstate_get_after_checkpoint(a.dir, a.steps, a.threads,
                                                              a.gets)
     print(f"\nwalstate get_tuple: median {before:.1f} us with {keys} keys in the in-memory "
           f"table, {after:.1f} us (p99 {p99:.1f}) once checkpointed into LMDB")
