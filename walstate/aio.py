@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
+from . import codec
 from . import engine as _engine
 from .checkpoint import CheckpointInfo
 from .engine import Engine
@@ -75,28 +76,43 @@ class AsyncBatch:
     the exit (None for an empty batch)."""
 
     def __init__(self, db: AsyncEngine) -> None:
+        db.engine._check_open()
         self._db = db
-        self._batch = db.engine.batch()  # validates put/delete arguments as they come
+        # checked here (bad keys and values raise at once, naming the limit) and
+        # handed to the engine's batch in the pool: making it may start the
+        # engine's session, an fsync
+        self._ops: list[tuple[bytes, bytes | None]] = []
         self.lsn: int | None = None
 
     def put(self, key: bytes, value: bytes) -> None:
         """Adds a PUT of ``key`` to the batch (nothing is written before the exit)."""
-        self._batch.put(key, value)
+        self._ops.append((codec.as_key(key), codec.as_value(value)))
 
     def delete(self, key: bytes) -> None:
         """Adds a DELETE of ``key`` to the batch."""
-        self._batch.delete(key)
+        self._ops.append((codec.as_key(key), None))
+
+    def _commit(self) -> int | None:
+        with self._db.engine.batch() as b:
+            for k, v in self._ops:
+                if v is None:
+                    b.delete(k)
+                else:
+                    b.put(k, v)
+        return b.lsn
 
     async def __aenter__(self) -> AsyncBatch:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        b = self._batch
-        if exc_type is not None:
-            b.__exit__(exc_type, exc, tb)  # discards
-            return
-        await self._db._write(b.__exit__, None, None, None)
-        self.lsn = b.lsn
+        ops, self._ops = self._ops, []
+        if exc_type is not None or not ops:
+            return  # discarded (or nothing to write)
+        self._ops = ops
+        try:
+            self.lsn = await self._db._write(self._commit)
+        finally:
+            self._ops = []
 
 
 class _ItemsIterator:

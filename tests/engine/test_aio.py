@@ -94,12 +94,15 @@ def test_blocking_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch) -> N
             return fn(*a, **kw)
         return w
 
+    walstate.open(tmp_path / "db").close()   # reopened cleanly: the first write starts
+    # the engine's session (an fsync), which must not happen on the loop either
+
     async def main() -> None:
         loop_thread = threading.current_thread().name
         db = await walstate.aio.open(tmp_path / "db", sync="always")
         e = db.engine
         for name in ("put", "get", "delete", "sync", "checkpoint", "close", "items",
-                     "_commit_batch", "__contains__"):
+                     "_commit_batch", "__contains__", "batch", "_start_session"):
             if name in ("put", "get"):
                 setattr(e, name, wrap(name, getattr(e, name)))
             else:
@@ -116,7 +119,7 @@ def test_blocking_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch) -> N
         await db.close()
         names = {n for n, _ in seen}
         assert names >= {"open", "put", "get", "__contains__", "_commit_batch", "items",
-                         "delete", "sync", "checkpoint", "close"}
+                         "delete", "sync", "checkpoint", "close", "batch", "_start_session"}
         assert all(t != loop_thread and t.startswith("walstate-aio") for _, t in seen), seen
 
     run(main())
