@@ -225,11 +225,13 @@ class AsyncEngine:
         record, committed (off the event loop) by the exit."""
         return AsyncBatch(self)
 
-    def items(self, *args: Any, **kwargs: Any) -> _ItemsIterator:
+    def items(self, start: bytes | None = None, stop: bytes | None = None,
+              **more: Any) -> _ItemsIterator:
         """``async for k, v in db.items(start=None, stop=None)``: the pairs of
-        :meth:`walstate.Engine.items` with the same arguments, read in the pool."""
+        :meth:`walstate.Engine.items` with the same arguments (``more``: any
+        further ones it takes), read in the pool, a chunk at a time."""
         self.engine._check_open()
-        return _ItemsIterator(self, args, kwargs)
+        return _ItemsIterator(self, (start, stop), more)
 
     async def sync(self) -> int:
         """Makes every earlier write durable; returns the durable LSN."""
@@ -250,10 +252,9 @@ class AsyncEngine:
     async def close(self) -> None:
         """Flushes, runs the shutdown checkpoint and releases the lock (in the
         pool), then stops the pool. Idempotent; later calls raise ClosedError."""
-        if self.engine._closed:
-            return
         try:
-            await self._write(self.engine.close)
+            if not self.engine._closed:
+                await self._write(self.engine.close)
         finally:
             if self._own_pool:
                 self._pool.shutdown(wait=False)
