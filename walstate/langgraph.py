@@ -249,6 +249,7 @@ class _Saver(BaseCheckpointSaver[str]):
         if limit is not None and limit <= 0:
             return
         before_id = get_checkpoint_id(before) if before else None
+        only_id = get_checkpoint_id(config) if config else None
         ranges: list[tuple[bytes, bytes]]
         exact = False
         if config is None:
@@ -279,7 +280,8 @@ class _Saver(BaseCheckpointSaver[str]):
             for g in groups:
                 if g[1]:
                     cid = self._parse(g[0] + _TAG_CKPT)[2]
-                    if before_id is None or cid < before_id:
+                    if ((before_id is None or cid < before_id)
+                            and (only_id is None or cid == only_id)):
                         rows.append((cid, g))
             rows.sort(key=lambda r: r[0], reverse=True)
             groups = iter([g for _, g in rows])  # type: ignore[assignment]

@@ -190,3 +190,24 @@ def test_async_saver_on_a_sync_engine_and_an_async_engine(tmp_path: Path) -> Non
             assert saver.get_tuple(_conf("t")).metadata["step"] == 20
 
     asyncio.run(main())
+
+
+def test_list_across_namespaces_and_threads_newest_first(tmp_path: Path) -> None:
+    from langgraph.checkpoint.conformance.test_utils import generate_checkpoint
+
+    with WalstateSaver.from_path(str(tmp_path / "db")) as saver:
+        made = []
+        for i in range(6):
+            tid, ns = f"t{i % 2}", ["", "child:1", "child:2"][i % 3]
+            made.append(saver.put(_conf(tid, ns), generate_checkpoint(), {"step": i}, {}))
+        ids = [c["configurable"]["checkpoint_id"] for c in made]
+        got = [t.config["configurable"]["checkpoint_id"] for t in saver.list(None)]
+        assert got == sorted(ids, reverse=True)
+        t0 = [t.config["configurable"]["checkpoint_id"] for t in saver.list(_conf("t0", None))]
+        assert t0 == [ids[4], ids[2], ids[0]]
+        assert [t.metadata["step"] for t in saver.list(_conf("t0", None), before=made[4])] \
+            == [2, 0]
+        one = {"configurable": {"thread_id": "t0", "checkpoint_id": ids[2]}}
+        assert [t.metadata["step"] for t in saver.list(one)] == [2]
+        assert [t.metadata["step"] for t in saver.list(None, filter={"step": 3})] == [3]
+        assert [t.metadata["step"] for t in saver.list(None, limit=2)] == [5, 4]
