@@ -17,6 +17,8 @@ PUBLIC = {
                         "MismatchError", "ReadOnlyError", "WalStateError"],
     "walstate.config": ["RECOVERY_MODES", "SYNC_MODES", "Config"],
     "walstate.tasks": ["InvalidTransitionError", "Status", "TaskState", "TaskStore"],
+    "walstate.aio": ["DEFAULT_WORKERS", "AsyncBatch", "AsyncEngine", "open"],
+    "walstate.langgraph": ["AsyncWalstateSaver", "WalstateSaver"],
     "walstate.testing": ["CrashCheckResult", "Failure", "RecordingEngine", "check_recovered",
                          "crash_check", "crashtest_main", "expected_states", "mixed_workload"],
 }
