@@ -73,7 +73,7 @@ from typing import Any, ClassVar
 
 try:
     from hypothesis import strategies as st
-    from hypothesis.stateful import RuleBasedStateMachine, multiple, precondition, rule
+    from hypothesis.stateful import RuleBasedStateMachine, multiple, rule
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError("walstate.testing.stateful needs hypothesis: "
                       "pip install 'walstate[testing]'") from exc
@@ -387,11 +387,15 @@ class RecoveryMachine(RuleBasedStateMachine):
         bad = [f for f in cls.flavors if f not in FLAVORS]
         if bad:
             raise ValueError(f"{cls.__name__}.flavors: unknown {bad}; known: {FLAVORS}")
-        for value in list(vars(cls).values()):
+        for name, value in list(vars(cls).items()):
             for marker in RULE_MARKERS:
                 r = getattr(value, marker, None)
                 if r is not None and not getattr(r.function, "_walstate_guarded", False):
-                    object.__setattr__(r, "function", _guard(r.function, bool(r.targets)))
+                    guarded = _guard(r.function, bool(r.targets))
+                    object.__setattr__(r, "function", guarded)
+                    direct = _guard(value, bool(r.targets))   # a direct call is guarded too
+                    direct.__dict__.update(value.__dict__)
+                    setattr(cls, name, direct)
 
     def __init__(self) -> None:
         super().__init__()
@@ -443,28 +447,34 @@ class RecoveryMachine(RuleBasedStateMachine):
 
     # ---- the machine's rules ---------------------------------------------------------------
     def _may_restart(self) -> bool:
-        # not while a crash waits for the next write: that write comes first
+        # Not while a crash waits for the next write (that write comes first), nor
+        # past the budget. A no-op then, not a precondition: a precondition would
+        # make the rules drawn after it depend on the steps before, which keeps
+        # the shrinker from deleting steps.
         return self.restarts < type(self).max_restarts and self._write_arm is None
 
-    @precondition(_may_restart)
     @rule(where=WHERE_STRATEGY, skip=st.integers(0, 3), seed=st.integers(0, 2**16))
     def crash(self, where: str, skip: int, seed: int) -> None:
         """SIGKILL at ``where``: the files as the OS has them survive."""
+        if not self._may_restart():
+            return
         self._crash("kill", "", where, skip, seed)
 
-    @precondition(_may_restart)
     @rule(flavor=st.sampled_from(FLAVORS), where=WHERE_STRATEGY,
           skip=st.integers(0, 3), seed=st.integers(0, 2**16))
     def power_loss(self, flavor: str, where: str, skip: int, seed: int) -> None:
         """Power cut at ``where``: only what was fsynced survives, as ``flavor``."""
+        if not self._may_restart():
+            return
         if flavor not in type(self).flavors:
             flavor = type(self).flavors[0]
         self._crash("power", flavor, where, skip, seed)
 
-    @precondition(_may_restart)
     @rule()
     def reopen(self) -> None:
         """A clean close and open: every write must be there."""
+        if not self._may_restart():
+            return
         self._write_arm = None
         self.db.close()
         self._recovered("clean close and open", self._open())
@@ -504,9 +514,17 @@ class RecoveryMachine(RuleBasedStateMachine):
         self._write_arm = None
         return arm
 
+    _POINTS: ClassVar[dict[str, str]] = {
+        "before": "before it started", "torn": "with a prefix of its bytes in the file",
+        "after": "written, not yet acknowledged"}
+
     def _describe(self, arm: _Arm, where: str) -> str:
         what = "SIGKILL" if arm.kind == "kill" else f"power loss ({arm.flavor})"
-        return f"{what} {where if where == 'between writes' else 'at ' + where}"
+        if where.startswith("next write: "):
+            return f"{what} inside a write, {self._POINTS[arm.point]}"
+        if where.startswith("checkpoint step "):
+            return f"{what} inside a checkpoint, at {where[len('checkpoint step '):]}"
+        return f"{what} {where}"
 
     def _crash_here(self, arm: _Arm, where: str, in_write: Any = None,
                     from_step: bool = False, raise_: bool = True) -> None:
