@@ -19,6 +19,8 @@ PUBLIC = {
     "walstate.tasks": ["InvalidTransitionError", "Status", "TaskState", "TaskStore"],
     "walstate.testing": ["CrashCheckResult", "Failure", "RecordingEngine", "check_recovered",
                          "crash_check", "crashtest_main", "expected_states", "mixed_workload"],
+    "walstate.testing.stateful": ["CHECKPOINT_STEPS", "RECOVERY_STEPS", "WHERE", "RecordedEngine",
+                                  "Recovery", "RecoveryError", "RecoveryMachine"],
 }
 
 

@@ -477,7 +477,8 @@ class RecoveryMachine(RuleBasedStateMachine):
             return
         self._write_arm = None
         self.db.close()
-        self._recovered("clean close and open", self._open())
+        what = "clean close and open"
+        self._recovered(what, self._open_checked(what))
 
     # ---- crashing --------------------------------------------------------------------------
     def _crash(self, kind: str, flavor: str, where: str, skip: int, seed: int) -> None:
