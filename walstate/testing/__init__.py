@@ -54,6 +54,9 @@ run starts on the directory a crash of the previous run left, so the
 workload must cope with existing data -- as the application does when it
 restarts after a crash.
 
+For fast, shrinking search with hypothesis, in process, see
+:mod:`walstate.testing.stateful` (``RecoveryMachine``; docs/TESTING.md).
+
 ``crashtest_main`` is ``walstate crashtest [DIR] --runs N``: the same campaign
 with a built-in mixed workload, against the disk under DIR.
 """
