@@ -5,6 +5,10 @@ namespace); a subprocess enables one with the environment variable
 ``WALSTATE_KILLPOINT=name[:nth]``, which SIGKILLs it the nth time the step
 is reached. ``WALSTATE_SYNC_TRACE=path`` makes the C log append
 "segment offset" after every fdatasync: the durable prefix of each segment.
+
+In process (walstate.testing.stateful), ``on_step(callback)`` calls
+``callback(name)`` at every Python-side step instead: the callback may record
+the files as they are and raise to end the operation there, as a kill would.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import errno as _errno
 import os
 import signal
+from collections.abc import Callable
 
 from . import checkpoint
 from ._native import lib
@@ -44,6 +49,13 @@ def killpoint(name: str, nth: int = 1) -> None:
     _state.update(name=name, nth=max(nth, 1), seen=0)
     lib.wal_test_killpoint(name.encode(), max(nth, 1))
     checkpoint._killpoint = _py_killpoint if name else None
+
+
+def on_step(callback: Callable[[str], None] | None) -> None:
+    """In-process mode: ``callback(name)`` at every Python-side step (any thread),
+    in place of a kill point; None turns it off. The C-side steps keep SIGKILL."""
+    _state.update(name="", nth=0, seen=0)
+    checkpoint._killpoint = callback
 
 
 def hit(name: str) -> None:

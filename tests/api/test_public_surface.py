@@ -21,6 +21,8 @@ PUBLIC = {
     "walstate.langgraph": ["AsyncWalstateSaver", "WalstateSaver"],
     "walstate.testing": ["CrashCheckResult", "Failure", "RecordingEngine", "check_recovered",
                          "crash_check", "crashtest_main", "expected_states", "mixed_workload"],
+    "walstate.testing.stateful": ["CHECKPOINT_STEPS", "RECOVERY_STEPS", "WHERE", "RecordedEngine",
+                                  "Recovery", "RecoveryError", "RecoveryMachine"],
 }
 
 

@@ -61,6 +61,82 @@ def test_crash_check_on_an_application_workload(tmp_path, started):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("crashcheck-")]
 
 
+ACCOUNTS = (b"acct:alice", b"acct:bob")
+
+
+def transfer_workload(db, rng, transfers, *, atomic, total=200):
+    """A bank: ``transfers`` transfers between two accounts holding ``total``;
+    with ``atomic=False`` each is two puts (the planted bug), else one batch."""
+    bal = {k: int(db.get(k, b"%d" % (total // 2))) for k in ACCOUNTS}
+    for _ in range(transfers):
+        src, dst = rng.sample(ACCOUNTS, 2)
+        amount = rng.randrange(1, 10)
+        bal[src] -= amount
+        bal[dst] += amount
+        if atomic:
+            with db.batch() as b:
+                b.put(src, b"%d" % bal[src])
+                b.put(dst, b"%d" % bal[dst])
+        else:
+            db.put(src, b"%d" % bal[src])
+            db.put(dst, b"%d" % bal[dst])
+
+
+def failing_workload(db, rng, n):
+    for i in range(n):
+        db.put(b"k%d" % i, b"v")
+    raise ZeroDivisionError("the application's own bug")
+
+
+def conserved(total=200):
+    checked = []
+
+    def check(db):
+        got = [db.get(k) for k in ACCOUNTS]
+        if got != [None, None]:  # before the first write nothing is there yet
+            assert sum(int(v or b"%d" % (total // 2)) for v in got) == total, got
+        checked.append(got)
+
+    return check, checked
+
+
+def test_crash_check_runs_the_users_check_with_workload_arguments(tmp_path, capfd):
+    check, checked = conserved()
+    res = wt.crash_check(transfer_workload, runs=2, seed=5, states_per_run=4,
+                         workdir=str(tmp_path), args=(6,), kwargs={"atomic": True},
+                         check=check, recovery_kill_every=0)
+    assert res.ok, res.summary()
+    assert res.ops_attempted == 2 * 6  # the arguments reached the child
+    # every state that opened (each is recovered twice; one never initialised is not)
+    assert len(checked) == res.recoveries // 2 and len(checked) >= 4
+    # recovery's messages (torn tails cut...) went to logging, not to stderr
+    assert "recovery" not in capfd.readouterr().err
+
+
+def test_crash_check_finds_a_two_puts_transfer_through_the_check(tmp_path):
+    check, _checked = conserved()
+    res = wt.crash_check(transfer_workload, runs=1, seed=5, states_per_run=12,
+                         workdir=str(tmp_path), args=(8,), kwargs={"atomic": False},
+                         check=check, recovery_kill_every=0, keep_failures=False)
+    assert not res.ok
+    kinds = {f.kind for f in res.failures}
+    assert kinds == {"check"}, res.summary()   # the engine's oracle held every time
+    f = res.failures[0]
+    assert "AssertionError" in f.detail and "in check" in f.traceback
+
+
+def test_a_failing_workload_is_reported_as_the_users_failure(tmp_path):
+    res = wt.crash_check(failing_workload, runs=1, seed=2, states_per_run=6,
+                         workdir=str(tmp_path), args=(5,), chain=False,
+                         recovery_kill_every=0, keep_failures=False)
+    assert [f.kind for f in res.failures] == ["workload"], res.summary()
+    f = res.failures[0]
+    assert "ZeroDivisionError: the application's own bug" in f.detail
+    assert "not a crash" in f.detail
+    assert "in failing_workload" in f.traceback and "raise ZeroDivisionError" in f.traceback
+    assert res.ops_attempted == 5 and res.crash_states >= 6  # its writes were still checked
+
+
 def test_crash_check_refuses_what_cannot_run_in_a_subprocess():
     with pytest.raises(ValueError, match="module-level"):
         wt.crash_check(lambda db, rng: None, runs=1)
@@ -74,6 +150,10 @@ def test_crash_check_refuses_what_cannot_run_in_a_subprocess():
         wt.crash_check(task_workload, runs=1, flavors=("melted",))
     with pytest.raises(ValueError):
         wt.crash_check(task_workload, runs=0)
+    with pytest.raises(ValueError, match="picklable"):
+        wt.crash_check(task_workload, runs=1, args=(lambda: 0,))
+    with pytest.raises(ValueError, match="check"):
+        wt.crash_check(task_workload, runs=1, check="not callable")
 
 
 def test_oracle_accepts_prefixes_and_rejects_holes():

@@ -1,27 +1,27 @@
-"""The engine against a plain dict model: hypothesis drives put / delete /
-batch / checkpoint / crash / reopen in random order.
+"""The engine against a plain dict model, on walstate.testing.stateful's
+RecoveryMachine: hypothesis drives put / delete / batch / checkpoint and the
+machine's own crash (SIGKILL), power loss (fsynced data only, in every
+flavour) and clean reopen -- between writes, inside a write, inside a
+checkpoint and inside a recovery -- in random order.
 
-crash abandons the engine as a killed process would (``Engine._abandon``: no
-flush, no checkpoint; what sat in the WAL buffer is lost). Under
-sync="always" every returned write is durable, so after a crash the state is
-the model exactly. Under sync="none" the recovered state is the model after
-some prefix of the committed operations that contains every operation made
-durable (before a returned ``sync()``, ``checkpoint()`` or ``close()``).
+The machine checks the engine's guarantee after every restart; this test keeps
+its own model too and checks it independently: under sync="always" every
+write that returned survives a crash or a power loss, so the recovered state is
+the model, plus at most the write in flight; under sync="none" it is the
+model after some prefix of the committed operations that contains every
+operation made durable (before a returned ``sync()``, ``checkpoint()`` or
+``close()``). LSNs strictly increase across every restart.
 """
 
 from __future__ import annotations
-
-import os
-import shutil
-import tempfile
 
 import pytest
 from enginehelpers import KiB, apply_op, matching_prefixes, run_op, state
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import invariant, rule
 
-import walstate
+from walstate.testing.stateful import Recovery, RecoveryMachine
 
 KEYS = st.one_of(st.sampled_from([b"a", b"b", b"c", b"d", b"e", b"f", b"g", b"h"]),
                  st.binary(min_size=1, max_size=24))
@@ -33,45 +33,38 @@ VALUES = st.one_of(
 OPS = st.lists(st.one_of(st.tuples(st.just("P"), KEYS, VALUES), st.tuples(st.just("D"), KEYS)),
                max_size=6)
 
-SETTINGS = settings(max_examples=150, stateful_step_count=50, deadline=None,
+SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
-class _Base(RuleBasedStateMachine):
-    SYNC = "always"
+class _Base(RecoveryMachine):
+    options = {"sync": "always", "segment_size": 64 * KiB, "max_wal_size": 64 * KiB,
+               "wal_buffer_size": 4096}
+    max_restarts = 6
 
     def __init__(self) -> None:
         super().__init__()
-        self.dir = tempfile.mkdtemp(prefix="walstate-stateful-")
-        self.path = os.path.join(self.dir, "db")
-        self.db = walstate.open(self.path, **self.options())
         self.model: dict[bytes, bytes] = {}
+        self.base: dict[bytes, bytes] = {}   # the state at the last restart
+        self.history: list = []              # operations committed (returned) since
+        self.inflight = None                 # the operation being written
+        self.durable_n = 0                   # how many of history are durable
         self.last_lsn = 0
-
-    def options(self) -> dict:
-        return {"sync": self.SYNC, "segment_size": 64 * KiB, "max_wal_size": 64 * KiB,
-                "wal_buffer_size": 4096}
-
-    def teardown(self) -> None:
-        try:
-            if self.db is not None:
-                self.db.close()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
 
     # ---- writes --------------------------------------------------------
     def commit(self, op) -> None:
+        self.inflight = op
         lsn = run_op(self.db, op)
+        self.inflight = None
         if op[0] == "B" and not op[1]:
             assert lsn is None  # an empty batch writes nothing
             return
         assert type(lsn) is int and lsn > self.last_lsn, (lsn, self.last_lsn)
         self.last_lsn = lsn
         apply_op(self.model, op)
-        self.committed(op)
-
-    def committed(self, op) -> None:
-        """Hook: one operation was committed (and returned)."""
+        self.history.append(op)
+        if self.options["sync"] == "always":
+            self.durable_n = len(self.history)
 
     @rule(key=KEYS, value=VALUES)
     def put(self, key, value):
@@ -99,38 +92,33 @@ class _Base(RuleBasedStateMachine):
     def checkpoint(self):
         ci = self.db.checkpoint()
         assert ci.lsn >= self.last_lsn and ci.reason == "manual"
-        self.made_durable()
+        self.durable_n = len(self.history)
 
-    def made_durable(self) -> None:
-        """Hook: everything committed so far is durable now."""
-
-    # ---- restarts ------------------------------------------------------
-    @rule()
-    def reopen(self):
-        self.db.close()
-        self.db = None
-        self.db = walstate.open(self.path, **self.options())
-        assert state(self.db) == self.model
-        assert self.db.info()["last_lsn"] >= self.last_lsn
-        self.after_reopen()
-
-    def after_reopen(self) -> None:
-        """Hook: a clean close and open kept the model exactly."""
-
-    @rule()
-    def crash(self):
-        self.db._abandon()
-        self.db = None
-        self.db = walstate.open(self.path, **self.options())
-        self.after_crash(state(self.db))
-
-    def after_crash(self, got: dict[bytes, bytes]) -> None:
-        assert got == self.model
+    # ---- restarts (the machine's crash / power_loss / reopen rules) ------
+    def after_recovery(self, recovery: Recovery) -> None:
+        got = recovery.state
+        ops = self.history + ([self.inflight] if self.inflight is not None else [])
+        fits = matching_prefixes(self.base, ops, got)
+        if recovery.crash == "clean close and open":
+            assert got == self.model, "a clean close and open changed the contents"
+            assert self.db.info()["last_lsn"] >= self.last_lsn
+        else:
+            assert any(n >= self.durable_n for n in fits), (
+                f"after {recovery.crash}: the recovered state is not the state after a "
+                f"prefix of the {len(ops)} operations that contains the {self.durable_n} "
+                f"durable ones (prefixes that fit: {fits})")
+        # the engine's own check agrees with this model
+        assert recovery.kept in fits or got == self.base
+        self.base = dict(got)
+        self.model = dict(got)
+        self.history = []
+        self.inflight = None
+        self.durable_n = 0
+        # LSNs are never reused, not even those of the writes a crash lost:
+        # self.last_lsn stays the highest LSN handed out
 
     @invariant()
     def reads_match_the_model(self):
-        if self.db is None:
-            return
         assert state(self.db) == self.model
         for k in (b"a", b"b", b"zz"):
             assert self.db.get(k) == self.model.get(k)
@@ -138,53 +126,19 @@ class _Base(RuleBasedStateMachine):
 
 
 class SyncAlways(_Base):
-    """sync="always": every write that returned survives a crash."""
+    """sync="always": every write that returned survives a crash and a power loss."""
 
 
 class SyncNone(_Base):
     """sync="none": a crash keeps a prefix that contains every durable write."""
 
-    SYNC = "none"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.base: dict[bytes, bytes] = {}   # the state known on disk
-        self.history: list = []              # operations committed since
-        self.durable_n = 0                   # how many of them are durable
-        self.durable_lsn = 0
-
-    def committed(self, op) -> None:
-        self.history.append(op)
-
-    def made_durable(self) -> None:
-        self.durable_n = len(self.history)
-        self.durable_lsn = self.last_lsn
+    options = {**_Base.options, "sync": "none"}
 
     @rule()
     def sync(self):
         durable = self.db.sync()
         assert durable >= self.last_lsn
-        self.made_durable()
-
-    def after_reopen(self) -> None:
-        self._rebase(self.model)
-        self.durable_lsn = self.last_lsn
-
-    def _rebase(self, got: dict[bytes, bytes]) -> None:
-        self.base = dict(got)
-        self.model = dict(got)
-        self.history = []
-        self.durable_n = 0
-
-    def after_crash(self, got: dict[bytes, bytes]) -> None:
-        fits = matching_prefixes(self.base, self.history, got)
-        assert any(n >= self.durable_n for n in fits), (
-            f"recovered state is not the state after a prefix of the {len(self.history)} "
-            f"operations that contains the {self.durable_n} durable ones (prefixes that "
-            f"fit: {fits})")
-        self._rebase(got)
-        # LSNs are never reused, not even those of the writes the crash lost:
-        # self.last_lsn stays the highest LSN handed out
+        self.durable_n = len(self.history)
 
 
 TestSyncAlways = SyncAlways.TestCase

@@ -38,12 +38,24 @@ checks the oracle:
   from a crash state of the previous one, so recovery itself is traced and
   crashed, and writes made after a recovery must survive the next crash.
 
-The workload must be a module-level function ``workload(db, rng)`` (``rng`` a
-seeded ``random.Random``) and make its writes from one thread. Reads return
+``check=fn`` calls ``fn(db)`` on every recovered crash state that passed the
+oracle (``db`` the recovered engine): your application's own rules, e.g.
+"a finished task has its result". An exception from it is a failure of kind
+``check``, with its traceback.
+
+The workload must be a module-level function ``workload(db, rng, *args,
+**kwargs)`` (``rng`` a seeded ``random.Random``; ``args``/``kwargs`` given to
+:func:`crash_check` are pickled to the child) and make its writes from one
+thread. An exception in it is reported as a failure of kind ``workload`` with
+the workload's own traceback -- your code failed, not recovery. The engine's
+recovery messages (a cut torn tail, ...) go to the ``walstate`` logger only. Reads return
 real results; only writes are recorded. With ``chain=True`` (the default) a
 run starts on the directory a crash of the previous run left, so the
 workload must cope with existing data -- as the application does when it
 restarts after a crash.
+
+For fast, shrinking search with hypothesis, in process, see
+:mod:`walstate.testing.stateful` (``RecoveryMachine``; docs/TESTING.md).
 
 ``crashtest_main`` is ``walstate crashtest [DIR] --runs N``: the same campaign
 with a built-in mixed workload, against the disk under DIR.
@@ -52,10 +64,13 @@ with a built-in mixed workload, against the disk under DIR.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -65,7 +80,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +91,9 @@ from .crashsim import FLAVORS, Trace, build_preload, crash_points, crash_states,
 __all__ = ["CrashCheckResult", "Failure", "RecordingEngine", "check_recovered", "crash_check",
            "crashtest_main", "expected_states", "mixed_workload"]
 
-Workload = Callable[["RecordingEngine", random.Random], None]
+Workload = Callable[..., None]   # workload(db: RecordingEngine, rng, *args, **kwargs)
+Check = Callable[[Any], None]
+WORKLOAD_FAILED = 3   # the child's exit status when the workload raised
 PROBE_KEY = b"\xffwalstate.testing.probe"
 _WORLD_DB = "db"
 
@@ -261,10 +278,19 @@ def _child_main(argv: Sequence[str] | None = None) -> int:
     def mark(line: str) -> None:
         os.write(fd, (line + "\n").encode())
 
+    wargs, wkwargs = pickle.loads(bytes.fromhex(spec.get("args", ""))) if spec.get("args") \
+        else ((), {})
     db = walstate.open(spec["db"], **spec["options"])
     mark("O")
     rec = RecordingEngine(db, mark)
-    fn(rec, random.Random(spec["seed"]))
+    try:
+        fn(rec, random.Random(spec["seed"]), *wargs, **wkwargs)
+    except Exception:
+        with open(spec["error"], "w") as f:
+            f.write(traceback.format_exc())
+        mark("W")
+        db._abandon()
+        return WORKLOAD_FAILED
     rec.close()
     mark("C")
     return 0
@@ -381,9 +407,10 @@ class Failure:
     run: int
     events: int        # the crash point: how many trace events had happened
     flavor: str
-    kind: str          # open | oracle | repeat | recovery_kill | new_writes | workload
+    kind: str          # open | oracle | repeat | recovery_kill | new_writes | workload | check
     detail: str
     kept: str | None   # a copy of the crash state, when kept
+    traceback: str | None = None   # workload/check: the traceback of your code
 
 
 @dataclass(frozen=True)
@@ -450,8 +477,10 @@ class _Campaign:
     def __init__(self, workload: Workload, *, runs: int, seed: int, options: dict,
                  states_per_run: int, flavors: Sequence[str], work: str,
                  recovery_kill_every: int, chain: bool, keep_failures: bool,
-                 timeout: float, log: Callable[[str], None] | None) -> None:
+                 timeout: float, log: Callable[[str], None] | None,
+                 check: Check | None = None, args: bytes = b"") -> None:
         self.spec = _workload_spec(workload)
+        self.check, self.args = check, args
         self.runs, self.seed, self.options = runs, seed, dict(options)
         self.states_per_run, self.flavors = states_per_run, tuple(flavors)
         self.work, self.kill_every, self.chain = work, recovery_kill_every, chain
@@ -462,16 +491,19 @@ class _Campaign:
                   "chained": 0, "attempted": 0, "acked": 0}
         self.by_flavor: dict[str, int] = {}
 
-    def fail(self, run: int, st: Any, kind: str, detail: str) -> None:
+    def fail(self, run: int, st: Any, kind: str, detail: str,
+             tb: str | None = None) -> None:
         kept = None
         if self.keep and st is not None and os.path.isdir(st.path):
             kept = os.path.join(self.work, "failures", f"run{run}-{os.path.basename(st.path)}")
             shutil.rmtree(kept, ignore_errors=True)
             shutil.copytree(st.path, kept, ignore=not_files)
-        f = Failure(run, st.events if st else -1, st.flavor if st else "-", kind, detail, kept)
+        f = Failure(run, st.events if st else -1, st.flavor if st else "-", kind, detail, kept,
+                    tb)
         self.failures.append(f)
         if self.log:
-            self.log(f"FAIL run {run} after {f.events} events ({f.flavor}): {kind}: {detail}")
+            self.log(f"FAIL run {run} after {f.events} events ({f.flavor}): {kind}: {detail}"
+                     + (f"\n{tb}" if tb else ""))
 
     def run(self, start: str | None) -> None:
         start_dir: str | None = None   # pristine crash state to start the next run from
@@ -503,10 +535,12 @@ class _Campaign:
         trace_path = os.path.join(rdir, "trace")
         mark_path = os.path.join(rdir, "marks")
         spec_path = os.path.join(rdir, "spec.json")
+        error_path = os.path.join(rdir, "workload-error")
         with open(spec_path, "w") as f:
             json.dump({"workload": self.spec, "db": os.path.join(world, _WORLD_DB),
                        "options": self.options, "seed": rng.randrange(1 << 30),
-                       "mark": mark_path, "sys_path": sys.path}, f)
+                       "mark": mark_path, "sys_path": sys.path, "args": self.args.hex(),
+                       "error": error_path}, f)
         env = dict(os.environ, **crashsim.preload_env(self.lib, world, trace_path, mark_path))
         env.pop("WALSTATE_KILLPOINT", None)
         code = "import sys; from walstate.testing import _child_main; sys.exit(_child_main())"
@@ -517,7 +551,13 @@ class _Campaign:
             self.fail(run, None, "workload", f"the workload did not finish in {self.timeout} s")
             return None
         trace = Trace(trace_path)
-        if p.returncode != 0:
+        if p.returncode == WORKLOAD_FAILED and os.path.exists(error_path):
+            with open(error_path) as f:
+                tb = f.read()
+            last = tb.strip().splitlines()[-1] if tb.strip() else "?"
+            self.fail(run, None, "workload", f"the workload raised {last} (your code, not a "
+                      "crash: its writes up to there are still crashed and checked)", tb)
+        elif p.returncode != 0:
             self.fail(run, None, "workload", f"exit {p.returncode}: {p.stderr[-2000:]}")
         marks = trace.marks()
         full = History.from_marks([m for _, m in marks])
@@ -604,6 +644,13 @@ class _Campaign:
             if again != got:
                 self.fail(run, st, "repeat", "a second recovery gave another state")
                 return None
+            if self.check is not None:
+                try:
+                    self.check(db)
+                except Exception as exc:
+                    self.fail(run, st, "check", f"check({_WORLD_DB}) raised "
+                              f"{type(exc).__name__}: {exc}", traceback.format_exc())
+                    return None
             db.put(PROBE_KEY, b"probe")
             db.sync()
             if db.get(PROBE_KEY) != b"probe":
@@ -640,13 +687,29 @@ class _Campaign:
         return got
 
 
+@contextlib.contextmanager
+def _recovery_messages_to_logging() -> Iterator[None]:
+    """While crash states are recovered, the engine's messages about them (a cut
+    torn tail...) reach the ``walstate`` logger's handlers only: without a
+    handler, logging's last resort would print every one to stderr."""
+    quiet = logging.NullHandler()
+    lg = logging.getLogger("walstate")
+    lg.addHandler(quiet)
+    try:
+        yield
+    finally:
+        lg.removeHandler(quiet)
+
+
 def crash_check(workload: Workload, runs: int = 200, *, seed: int | None = None,
                 options: dict | None = None, states_per_run: int = 12,
                 flavors: Sequence[str] = FLAVORS, workdir: str | None = None,
                 recovery_kill_every: int = 10, chain: bool = True,
                 keep_failures: bool = True, timeout: float = 120.0,
                 start: str | None = None,
-                log: Callable[[str], None] | None = None) -> CrashCheckResult:
+                log: Callable[[str], None] | None = None,
+                check: Check | None = None, args: Sequence[Any] = (),
+                kwargs: dict[str, Any] | None = None) -> CrashCheckResult:
     """Runs ``workload`` ``runs`` times under the power-loss simulator and
     checks every simulated crash state against the oracle (see the module
     docstring). ``options`` are ``walstate.open`` options for the workload
@@ -657,6 +720,9 @@ def crash_check(workload: Workload, runs: int = 200, *, seed: int | None = None,
     none, so the first run also crashes while creating the directory). ``workdir`` (default: a
     temporary directory, removed afterwards unless a failure was kept) is
     where the traced directories live: put it on the disk you care about.
+    ``check``: ``check(db)`` on every recovered crash state (your invariants).
+    ``args``/``kwargs``: passed to ``workload(db, rng, *args, **kwargs)`` in the
+    child (pickled).
 
     Returns a :class:`CrashCheckResult`; raises RuntimeError when the tracer
     cannot be built (no C compiler) and ValueError on bad arguments.
@@ -669,6 +735,13 @@ def crash_check(workload: Workload, runs: int = 200, *, seed: int | None = None,
     if getattr(workload, "__name__", "") == "<lambda>" or "<locals>" in workload.__qualname__:
         raise ValueError("the workload must be a module-level function (it runs in a "
                          "subprocess)")
+    if check is not None and not callable(check):
+        raise ValueError(f"check must be a callable check(db), not {type(check).__name__}")
+    try:
+        packed = pickle.dumps((tuple(args), dict(kwargs or {})))
+    except Exception as exc:
+        raise ValueError(f"args/kwargs must be picklable (they go to the workload's "
+                         f"process): {exc}") from exc
     seed = random.randrange(1 << 31) if seed is None else seed
     opts = {"sync": "always", "segment_size": 64 * 1024, "max_wal_size": 192 * 1024,
             "checkpoint_timeout": 3600.0}
@@ -680,9 +753,11 @@ def crash_check(workload: Workload, runs: int = 200, *, seed: int | None = None,
     camp = _Campaign(workload, runs=runs, seed=seed, options=opts,
                      states_per_run=states_per_run, flavors=flavors, work=work,
                      recovery_kill_every=recovery_kill_every, chain=chain,
-                     keep_failures=keep_failures, timeout=timeout, log=log)
+                     keep_failures=keep_failures, timeout=timeout, log=log, check=check,
+                     args=packed)
     try:
-        camp.run(start)
+        with _recovery_messages_to_logging():
+            camp.run(start)
     except BaseException:
         if log:
             log(traceback.format_exc())
