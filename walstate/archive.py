@@ -127,8 +127,10 @@ def timeline_key(tl: int) -> str:
     return f"timelines/{tl:08x}.json"
 
 
-def piece_key(tl: int, seg: int, first: int, last: int, kind: str) -> str:
-    return f"wal/{tl:08x}/{seg:016x}/{first:016x}-{last:016x}.{kind}"
+def piece_key(tl: int, seg: int, first: int, last: int, kind: str, t: float) -> str:
+    """``t``: the time of the piece's last mark (every record in it was
+    acknowledged by then), in milliseconds, so that a listing says it."""
+    return f"wal/{tl:08x}/{seg:016x}/{first:016x}-{last:016x}-{int(t * 1000):013d}.{kind}"
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class PieceName:
     last: int
     kind: str  # "chunk" or "seg"
     size: int
+    time: float  # every record in it was acknowledged by then
 
 
 def parse_piece_key(key: str, size: int = 0) -> PieceName | None:
@@ -150,13 +153,13 @@ def parse_piece_key(key: str, size: int = 0) -> PieceName | None:
         tl = int(parts[1], 16)
         seg = int(parts[2], 16)
         rng, _, kind = parts[3].partition(".")
-        a, _, b = rng.partition("-")
-        first, last = int(a, 16), int(b, 16)
+        a, b, t = rng.split("-")
+        first, last, ms = int(a, 16), int(b, 16), int(t)
     except ValueError:
         return None
     if kind not in ("chunk", "seg"):
         return None
-    return PieceName(key, tl, seg, first, last, kind, size)
+    return PieceName(key, tl, seg, first, last, kind, size, ms / 1000.0)
 
 
 def encode_piece(header: dict, data: bytes) -> bytes:
@@ -622,7 +625,7 @@ class Archiver:
             whole = start == 0 and seg in later_seen
             marks = [[last, stamp]]
             kind = "seg" if whole else "chunk"
-            key = piece_key(self.timeline or 1, seg, first, last, kind)
+            key = piece_key(self.timeline or 1, seg, first, last, kind, stamp)
             blob = encode_piece({"archive_version": ARCHIVE_VERSION, "system_id": self.system_id,
                                  "timeline": self.timeline, "segment": seg, "offset": start,
                                  "first_lsn": first, "last_lsn": last, "marks": marks}, data)
@@ -682,7 +685,8 @@ class Archiver:
                 data = f.read(end)
             if len(data) != end:
                 continue
-            key = piece_key(self.timeline or 1, seg, seg, last, "seg")
+            key = piece_key(self.timeline or 1, seg, seg, last, "seg",
+                            max((m[1] for m in marks), default=time.time()))
             self.store.put(key, encode_piece({
                 "archive_version": ARCHIVE_VERSION, "system_id": self.system_id,
                 "timeline": self.timeline, "segment": seg, "offset": 0, "first_lsn": seg,
