@@ -450,8 +450,18 @@ class Archiver:
         self._thread = None
         self._save(force=True)
 
-    def wake(self) -> None:
-        """Test hook: nothing to do (the shipper polls)."""
+    def wait_archived(self, lsn: int | None = None, timeout: float = 30.0) -> bool:
+        """Waits until every record up to ``lsn`` (default: the durable LSN now) is
+        in the archive; False on timeout. For tests and tools, never for writers."""
+        if lsn is None:
+            lsn = self._durable_lsn()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._mu:
+                if self._ready and self.status["archived_lsn"] >= lsn:
+                    return True
+            time.sleep(0.01)
+        return False
 
     def info(self) -> dict[str, Any]:
         with self._mu:
@@ -502,16 +512,43 @@ class Archiver:
 
     def _failed(self, exc: BaseException) -> None:
         msg = str(exc) if isinstance(exc, ArchiveError) else f"archiving to {self.location}: {exc}"
+        lag = self._estimate_lag_bytes()
         with self._mu:
             first = not self.status["failing"]
             self.status.update(failing=True, last_error=msg, last_error_at=time.time(),
                                failures=self.status["failures"] + 1)
+            if lag is not None:
+                self.status["lag_bytes"] = max(lag, self.status["lag_bytes"])
             if self._pending_since is None:
                 self._pending_since = time.time()
         if first:
             log.error("WAL archiving failed: %s; the WAL stays on local disk and shipping "
                       "resumes by itself", msg)
         self._save(force=first)
+
+    def _estimate_lag_bytes(self) -> int | None:
+        """Local WAL bytes holding records not yet archived (segment files; the
+        newest one up to where the writer is)."""
+        try:
+            st = self._wal.stats() if self._wal is not None else None
+            segs = list_segments(self.layout.wal)
+        except Exception:  # noqa: BLE001 - an estimate only
+            return None
+        with self._mu:
+            nxt = self.next_lsn
+        total = 0
+        for i, (first, path) in enumerate(segs):
+            nxt_first = segs[i + 1][0] if i + 1 < len(segs) else None
+            if nxt_first is not None and nxt_first <= nxt:
+                continue
+            if nxt_first is None and st is not None and st.get("seg_first_lsn") == first:
+                total += int(st.get("seg_end") or 0)
+                continue
+            try:
+                total += os.path.getsize(path)
+            except OSError:
+                pass
+        return total
 
     def _save(self, force: bool = False) -> None:
         now = time.monotonic()

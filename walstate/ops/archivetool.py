@@ -435,7 +435,8 @@ def _restore_once(store: Store, dest: str, to_lsn: int | None, to_time: float | 
         snap.close()
     if target is not None and target < snap_lsn:
         raise WalStateError(f"the base backup's snapshot already holds writes up to LSN "
-                            f"{snap_lsn}, above the target LSN {target}")
+                            f"{snap_lsn}, above the target LSN {target}: restore from an "
+                            "older backup")
     if target is not None and base_lsn > target:
         # the backup's own WAL goes past the target: cut it there
         end = _cut_at(dl.wal, system_id, snap_lsn + 1, target)
@@ -456,7 +457,7 @@ def _restore_once(store: Store, dest: str, to_lsn: int | None, to_time: float | 
         notes.append(f"the archive's WAL stops continuing at LSN {lsn}: {why} in "
                      f"{os.path.basename(end.path)} at offset {end.offset}")
     if to_lsn is not None and lsn < to_lsn:
-        raise WalStateError(f"the archive reaches only LSN {lsn}, below --to-lsn {to_lsn}"
+        raise WalStateError(f"the backup and archive reach only LSN {lsn}, below --to-lsn {to_lsn}"
                             + (f" ({notes[-1]})" if notes else ""))
     marker = (plan.marker.get("marker") or {"format_version": FORMAT_VERSION,
                                             "system_id": system_id,
