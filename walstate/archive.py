@@ -395,6 +395,8 @@ class Archiver:
         self._backup_proc: subprocess.Popen | None = None
         self._backup_started = 0.0
         self._saved_at = 0.0
+        self._busy_since: float | None = None
+        self._caught_up_at = time.time()
         old = read_status(layout) or {}
         same = old.get("url") == self.location
         self.status: dict[str, Any] = {
@@ -466,10 +468,24 @@ class Archiver:
     def info(self) -> dict[str, Any]:
         with self._mu:
             out = dict(self.status)
-            if self._pending_since is not None:
-                out["lag_seconds"] = max(time.time() - self._pending_since, 0.0)
-            else:
-                out["lag_seconds"] = 0.0
+            now = time.time()
+            caught_up = self._caught_up_at
+            busy = self._busy_since
+        # every record durable at _caught_up_at is archived: a newer durable one
+        # has waited at most since then
+        try:
+            durable = self._durable_lsn()
+        except Exception:  # noqa: BLE001 - closed: what the shipper last knew
+            durable = out["archived_lsn"]
+        out["lag_seconds"] = (max(now - caught_up, 0.0) if durable > out["archived_lsn"]
+                              else 0.0)
+        stall = max(5.0, 4 * self.interval)
+        if busy is not None and now - busy > stall and not out["failing"]:
+            # an upload that hangs (a store that stopped answering) shows before
+            # the client's timeouts end it
+            out["failing"] = True
+            out["last_error"] = (f"an upload to {self.location} has been waiting for "
+                                 f"{now - busy:.0f} s: the store is slow or unreachable")
         return out
 
     # ---- the loop -----------------------------------------------------------------
@@ -492,6 +508,13 @@ class Archiver:
                 self._stop.wait(wait)
 
     def _cycle(self) -> bool:
+        self._busy_since = time.time()
+        try:
+            return self._cycle_inner()
+        finally:
+            self._busy_since = None
+
+    def _cycle_inner(self) -> bool:
         try:
             if not self._ready:
                 self._setup()
@@ -613,6 +636,7 @@ class Archiver:
             nxt = self.next_lsn
         if durable < nxt:
             with self._mu:
+                self._caught_up_at = t_obs
                 self._pending_since = None
                 self.status["lag_bytes"] = 0
             return
@@ -683,6 +707,7 @@ class Archiver:
                     self.status["archived_segments"] += 1
         with self._mu:
             if self.next_lsn > durable:
+                self._caught_up_at = t_obs
                 self._pending_since = None
                 self.status["lag_bytes"] = 0
 
