@@ -609,7 +609,9 @@ class Archiver:
             if b.get("timeline") == tl:
                 newest_base = max(newest_base, int(b.get("lsn", 0)))
         segs = list_segments(self.layout.wal)
+        since = sum(p.size for p in pieces if p.first > newest_base)
         with self._mu:
+            self._since_backup = since
             self.timeline = tl
             self._pieces = by_seg
             self.next_lsn = nxt

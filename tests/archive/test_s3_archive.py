@@ -361,8 +361,12 @@ def test_base_backups_timelines_prune_verify(bucket: str, s3env, tmp_path: Path,
     assert [t["timeline"] for t in ls["timelines"]] == [1, 2]
     assert ls["timelines"][1]["parent"] == 1 and ls["timelines"][1]["branch_lsn"] >= first_lsn
     assert cli_main(capsys, "restore", bucket, str(tmp_path / "t1"), "--timeline", "1")[0] == 0
-    assert cli_main(capsys, "restore", bucket, str(tmp_path / "t2"))[0] == 0
+    assert cli_main(capsys, "restore", bucket, str(tmp_path / "t2"), "--timeline", "2")[0] == 0
+    # by default: the history written to most recently (here the original)
+    assert cli_main(capsys, "restore", bucket, str(tmp_path / "t0"))[0] == 0
     with walstate.open(tmp_path / "t1", read_only=True) as r:
+        assert r.get(b"orig") == b"only" and r.get(b"copy") is None
+    with walstate.open(tmp_path / "t0", read_only=True) as r:
         assert r.get(b"orig") == b"only" and r.get(b"copy") is None
     with walstate.open(tmp_path / "t2", read_only=True) as r:
         assert r.get(b"copy") == b"only" and r.get(b"orig") is None

@@ -4,8 +4,9 @@ docs/FORMAT.md, "The WAL archive").
 
 Restore from an archive, on a machine that has nothing else:
 
-1. the history (timeline) to restore: the newest one, or ``timeline=``; its
-   chain of parents, each used up to the LSN where the next one branched off;
+1. the history (timeline) to restore: the one written to most recently, or
+   ``timeline=``; its chain of parents, each used up to the LSN where the next
+   one branched off;
 2. the target: ``to_lsn``, or for ``to_time`` T the last LSN whose time mark
    is at or before T (every record up to it was acknowledged by then), or
    everything the archive holds;
@@ -198,7 +199,10 @@ class _Plan:
             self.by_tl.setdefault(p.timeline, []).append(p)
         known = set(self.timelines) | set(self.by_tl)
         if timeline is None:
-            timeline = max(known, default=1)
+            # the most recently written history (a restored copy that took over
+            # from a lost machine; the original if the copy stopped writing first)
+            timeline = max(known, default=1, key=lambda tl: (
+                max((p.time for p in self.by_tl.get(tl, [])), default=0.0), tl))
         elif timeline not in known:
             raise ArchiveError(f"the archive {store.url} has no timeline {timeline} (it has "
                                f"{sorted(known) or 'none'})")
