@@ -41,6 +41,7 @@ or below X + 1; never the last one.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -652,22 +653,32 @@ class Archiver:
             nxt = segs[0][0]
         groups: list[list[int]] = []  # [seg, start_off, end_off, first, last]
         later_seen: set[int] = set()
+        firsts = [f for f, _p in segs]
+        # the C reader checks every record's CRC and finds the boundaries; a batch
+        # holds records of one segment, payload i at off[i] (its header 28 before)
         with WalReader(self.layout.wal, self.system_id, nxt) as r:
-            for rec in r:
-                if rec.lsn > durable:
+            for _data, n, lsn, _typ, off, ln in r.iter_arrays():
+                k = n
+                if lsn[n - 1] > durable:
+                    k = 0
+                    while k < n and lsn[k] <= durable:
+                        k += 1
+                if k == 0:
                     break
-                if groups and groups[-1][0] == rec.segment:
-                    g = groups[-1]
-                    g[2] = rec.offset + RECORD_HEADER + len(rec.payload)
-                    g[4] = rec.lsn
-                    continue
-                if groups:
-                    later_seen.add(groups[-1][0])
-                if len(groups) >= MAX_SEGMENTS_PER_CYCLE:
+                seg = firsts[bisect.bisect_right(firsts, lsn[0]) - 1]
+                end = off[k - 1] + ln[k - 1]
+                if groups and groups[-1][0] == seg:
+                    groups[-1][2] = end
+                    groups[-1][4] = lsn[k - 1]
+                else:
+                    if groups:
+                        later_seen.add(groups[-1][0])
+                    if len(groups) >= MAX_SEGMENTS_PER_CYCLE:
+                        break
+                    start = 0 if lsn[0] == seg else off[0] - RECORD_HEADER
+                    groups.append([seg, start, end, lsn[0], lsn[k - 1]])
+                if k < n:
                     break
-                start = 0 if rec.lsn == rec.segment else rec.offset
-                groups.append([rec.segment, start, rec.offset + RECORD_HEADER + len(rec.payload),
-                               rec.lsn, rec.lsn])
         if not groups:
             return
         with self._mu:
