@@ -56,7 +56,7 @@ from typing import Any
 
 import crc32c as _crc
 
-from .archivestore import ArchiveError, Store, normalize, open_store
+from .archivestore import ArchiveError, S3Store, Store, normalize, open_store
 from .errors import WalStateError
 from .layout import ARCHIVE_MARKER, Layout, fsync_dir, read_json, read_marker, write_atomic
 from .wal import WalReader, list_segments
@@ -398,6 +398,13 @@ class Archiver:
         self._saved_at = 0.0
         self._busy_since: float | None = None
         self._caught_up_at = time.time()
+        if isinstance(self.store, S3Store):
+            # boto3's import and client set-up take a few hundred ms holding the GIL:
+            # here, in open(), rather than in the shipper while writers run
+            try:
+                self.store.client  # noqa: B018
+            except ArchiveError as exc:
+                log.error("WAL archive %s: %s", self.location, exc)
         old = read_status(layout) or {}
         same = old.get("url") == self.location
         self.status: dict[str, Any] = {

@@ -151,8 +151,18 @@ class DirStore(Store):
                     os.link(tmp, path)
                 except FileExistsError:
                     return False
+                except OSError as exc:  # no hard links here: look, then rename
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+                                         errno.EMLINK):
+                        raise
+                    if os.path.exists(path):
+                        return False
+                    os.rename(tmp, path)
+                    fsync_dir(os.path.dirname(path))
+                    return True
                 finally:
-                    os.unlink(tmp)
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
             else:
                 os.rename(tmp, path)
             fsync_dir(os.path.dirname(path))
