@@ -145,7 +145,8 @@ def main() -> int:
         else:
             archive = os.path.join(root, "arch")
         lag = lag_at_rate(root, archive + "-lag", args.rate, args.seconds)
-        print(f"archive lag at {lag['puts_per_s']:.0f} durable puts/s ({'S3' if args.s3 else 'dir'}):"
+        kind = "S3" if args.s3 else "dir"
+        print(f"archive lag at {lag['puts_per_s']:.0f} durable puts/s ({kind}):"
               f" p50 {lag['lag_p50']:.3f} s, p99 {lag['lag_p99']:.3f} s, max "
               f"{lag['lag_max']:.3f} s; {lag['uploads_per_s']:.1f} uploads/s, "
               f"{lag['uploaded_MB_per_s']:.2f} MB/s uploaded; failing={lag['failing']}")

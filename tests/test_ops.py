@@ -3,6 +3,7 @@ and the operational log lines, against real directories."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -330,6 +331,22 @@ def test_archive_failure_keeps_segments_and_is_reported(tmp_path: Path, capsys,
         checks = {c["name"]: c for c in json.loads(out)["checks"]}
         assert rc == 1 and checks["archive"]["status"] == "FAIL"
         assert json.loads(run("info", str(d), "--json").stdout)["archive"]["failing"] is True
+        if importlib.util.find_spec("prometheus_client") is not None:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            from walstate.ops import metrics
+
+            server = metrics.serve(db, 0)
+            try:
+                text = urllib.request.urlopen(server.url, timeout=10).read().decode()
+            finally:
+                server.close()
+            got = {s.name: s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+            assert got["walstate_archive_failing"] == 1
+            assert got["walstate_archive_failures_total"] >= 1
+            assert got["walstate_archive_lag_seconds"] > 0
+            assert got["walstate_archive_lag_bytes"] >= SEG
         # the archive works again: shipping resumes by itself, then a checkpoint removes
         arch.unlink()
         _fill(db, 3000, 10)

@@ -552,10 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("prune", help="delete old base backups and the WAL only they need "
                         "(dry run unless --apply)")
     a.add_argument("url", metavar="URL")
-    a.add_argument("--keep", type=int, default=None, help="keep the last N base backups "
-                   "(default 2 unless --keep-days)")
-    a.add_argument("--keep-days", type=float, default=None, help="keep base backups younger "
-                   "than D days")
+    a.add_argument("--keep", "--keep-last", "--keep-backups", dest="keep", type=int,
+                   default=None, help="keep the last N base backups (default 2 unless "
+                   "--keep-days)")
+    a.add_argument("--keep-days", "--days", dest="keep_days", type=float, default=None,
+                   help="keep base backups younger than D days")
     a.add_argument("--apply", action="store_true", help="delete (default: only say what)")
     a.add_argument("--dry-run", action="store_true", help="the default")
     a.add_argument("--json", action="store_true")
