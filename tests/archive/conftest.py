@@ -17,7 +17,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from s3server import WeedServer, weed_binary
+
+from .s3server import WeedServer, weed_binary
 
 _ids = itertools.count(1)
 

@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
     s.add_argument("--only", default=None, help="comma-separated workloads: durable-1, "
                    "durable-4t, batch-1000, fast, get-snapshot, get-memtable, recovery, reopen, "
-                   "checkpoint, ckpt-latency-none, ckpt-latency-always, memory")
+                   "checkpoint, ckpt-latency-none, ckpt-latency-always, memory, archive")
     s.add_argument("--markdown", action="store_true", help="the tables as Markdown")
     s.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw throughput bars and a put-latency CDF (needs matplotlib)")
