@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -583,18 +584,22 @@ def test_backup_while_writer_process_writes(tmp_path: Path) -> None:
     child = subprocess.Popen(writer_cmd(str(d), **opts), stdout=subprocess.PIPE, text=True,
                              env=child_env())
     out_lines: list[str] = []
+    # drain the writer's output as it comes (a full pipe would stop the writer)
+    reader = threading.Thread(target=lambda: out_lines.extend(child.stdout), daemon=True)
     try:
         first = child.stdout.readline()
         out_lines.append(first)
         assert first.startswith("R ")
+        reader.start()
         assert wait_for(lambda: arch.exists() and len(_pieces(arch)) >= 2, timeout=30)
         p = run("backup", str(d), str(bk), "--label", "hot", "--json")
         res = json.loads(p.stdout)
-        time.sleep(0.5)  # the writer goes on past the backup
+        n = len(out_lines)
+        assert wait_for(lambda: len(out_lines) > n + 50, timeout=30)  # it goes on past it
     finally:
         child.kill()
-        rest = child.communicate()[0]
-        out_lines.append(rest)
+        child.wait()
+        reader.join(10)
     hist = parse_writer_output("".join(out_lines), **opts)
     acked = hist["acked"]
     ops = dict(hist["attempts"])

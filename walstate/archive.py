@@ -397,6 +397,7 @@ class Archiver:
         self._backup_started = 0.0
         self._saved_at = 0.0
         self._busy_since: float | None = None
+        self._local_errors = 0
         self._caught_up_at = time.time()
         if isinstance(self.store, S3Store):
             # boto3's import and client set-up take a few hundred ms holding the GIL:
@@ -655,37 +656,58 @@ class Archiver:
             return
         if nxt < segs[0][0]:
             prev = _segment_prev_lsn(segs[0][1])
-            if prev is not None and prev >= nxt:  # removed unarchived: a hole
+            if prev is not None and prev >= nxt and nxt > 1:  # removed unarchived: a hole
                 self._hole(nxt, segs[0][0] - 1)
             nxt = segs[0][0]
-        groups: list[list[int]] = []  # [seg, start_off, end_off, first, last]
-        later_seen: set[int] = set()
-        firsts = [f for f, _p in segs]
         # the C reader checks every record's CRC and finds the boundaries; a batch
         # holds records of one segment, payload i at off[i] (its header 28 before)
-        with WalReader(self.layout.wal, self.system_id, nxt) as r:
-            for _data, n, lsn, _typ, off, ln in r.iter_arrays():
-                k = n
-                if lsn[n - 1] > durable:
-                    k = 0
-                    while k < n and lsn[k] <= durable:
-                        k += 1
-                if k == 0:
-                    break
-                seg = firsts[bisect.bisect_right(firsts, lsn[0]) - 1]
-                end = off[k - 1] + ln[k - 1]
-                if groups and groups[-1][0] == seg:
-                    groups[-1][2] = end
-                    groups[-1][4] = lsn[k - 1]
-                else:
-                    if groups:
-                        later_seen.add(groups[-1][0])
-                    if len(groups) >= MAX_SEGMENTS_PER_CYCLE:
+        batches: list[tuple[int, int, int, int]] = []  # first lsn, last lsn, start, end
+        try:
+            with WalReader(self.layout.wal, self.system_id, nxt) as r:
+                for _data, n, lsn, _typ, off, ln in r.iter_arrays():
+                    k = n
+                    if lsn[n - 1] > durable:
+                        k = 0
+                        while k < n and lsn[k] <= durable:
+                            k += 1
+                    if k == 0:
                         break
-                    start = 0 if lsn[0] == seg else off[0] - RECORD_HEADER
-                    groups.append([seg, start, end, lsn[0], lsn[k - 1]])
-                if k < n:
+                    batches.append((lsn[0], lsn[k - 1], off[0] - RECORD_HEADER,
+                                    off[k - 1] + ln[k - 1]))
+                    if k < n or len(batches) > 64 * MAX_SEGMENTS_PER_CYCLE:
+                        break
+            # listed after reading: every segment the reader saw is in it (a
+            # segment made meanwhile too); a batch belongs to the newest segment
+            # starting at or below its first LSN
+            segs = list_segments(self.layout.wal)
+        except (OSError, WalStateError) as exc:
+            # the writer rotates segments and checkpoints remove them while this
+            # reads: a transient local error is retried quietly a few times
+            self._local_errors += 1
+            if self._local_errors >= 3:
+                raise WalStateError(f"reading the local WAL to archive it: {exc}") from exc
+            log.debug("archiver: reading the WAL: %s (retrying)", exc)
+            return
+        firsts = [f for f, _p in segs]
+        groups: list[list[int]] = []  # [seg, start_off, end_off, first, last]
+        later_seen: set[int] = set()
+        for first, last, start, end in batches:
+            i = bisect.bisect_right(firsts, first) - 1
+            if i < 0:
+                break
+            seg = firsts[i]
+            if groups and groups[-1][0] == seg:
+                if groups[-1][2] != start:  # not contiguous: stop here, next cycle
                     break
+                groups[-1][2] = end
+                groups[-1][4] = last
+                continue
+            if groups:
+                later_seen.add(groups[-1][0])
+            if len(groups) >= MAX_SEGMENTS_PER_CYCLE:
+                break
+            groups.append([seg, 0 if first == seg else start, end, first, last])
+        self._local_errors = 0
         if not groups:
             return
         with self._mu:
