@@ -393,3 +393,33 @@ def test_base_backup_policy_and_another_systems_archive(bucket: str, tmp_path: P
         db.put(b"k", b"v")
         assert wait_for(lambda: db.info()["archive"]["failing"], timeout=20)
         assert "belongs to system_id" in db.info()["archive"]["last_error"]
+
+
+def test_archive_switched_on_later_takes_a_base_backup(bucket: str, tmp_path: Path,
+                                                       capsys) -> None:
+    """A directory whose early WAL is gone: the archive cannot start from the
+    first record, so the writer takes a base backup by itself at once."""
+    d = tmp_path / "d"
+    model: dict[bytes, bytes] = {}
+    with walstate.open(d, segment_size=SEG, max_wal_size=2 * SEG) as db:
+        for i in range(3000):
+            model[b"k%08d" % i] = b"old"
+            db.put(b"k%08d" % i, b"old")
+        db.checkpoint()
+    with walstate.open(d, archive=bucket, archive_interval=0.05, segment_size=SEG) as db:
+        for i in range(100):
+            model[b"n%d" % i] = b"new"
+            db.put(b"n%d" % i, b"new")
+        assert wait_for(lambda: db.info()["archive"]["base_backups"] >= 1, timeout=60), \
+            db.info()["archive"]
+        for i in range(100):
+            model[b"m%d" % i] = b"after"
+            db.put(b"m%d" % i, b"after")
+        assert db._checkpointer.archiver.wait_archived()
+        assert db.info()["archive"]["holes"] == []
+    shutil.rmtree(d)
+    rc, out, err = cli_main(capsys, "restore", bucket, str(tmp_path / "r"), "--json")
+    assert rc == 0, err
+    assert json.loads(out)["base_backup"]
+    with walstate.open(tmp_path / "r", read_only=True) as r:
+        assert state(r) == model
