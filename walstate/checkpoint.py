@@ -123,11 +123,13 @@ class Checkpointer:
         # bytes/second of replay measured at open; the default is conservative
         self.replay_rate = 50e6
         self.observer: Any = None  # Engine.observe's function
-        self.archiver: Any = None  # walstate.archive.Archiver when archive_dir is set
+        self.archiver: Any = None  # walstate.archive.Archiver when an archive is set
         self._slow_fsyncs = 0  # fsyncs above slow_fsync_seconds already logged
 
     # ---- background scheduling --------------------------------------------
     def start(self) -> None:
+        if self.archiver is not None:
+            self.archiver.start(self.wal)
         self._thread = threading.Thread(target=self._loop, name="walstate-checkpointer",
                                         daemon=True)
         self._thread.start()
@@ -139,6 +141,8 @@ class Checkpointer:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
+        if self.archiver is not None:
+            self.archiver.stop()
 
     def request(self, reason: str) -> None:
         """Asks the background thread for a checkpoint (non-blocking)."""

@@ -36,9 +36,16 @@ class Config:
     map_size: int = 1024 * MiB
     max_recovery_seconds: float | None = None
     wal_buffer_size: int = 1 * MiB
-    # WAL archiving (walstate/archive.py): segments a checkpoint would remove are
-    # copied here first; None disables archiving.
+    # WAL archiving (walstate/archive.py): a directory or s3://bucket/prefix the WAL
+    # is shipped to continuously; None disables archiving. archive_dir is the same
+    # option under its older name.
+    archive: str | None = None
     archive_dir: str | None = None
+    # every acknowledged write is in the archive at most this long after (seconds)
+    archive_interval: float = 1.0
+    # a base backup into the archive after this much archived WAL (bytes; None: never
+    # by itself), so that a restore replays at most about this much
+    archive_backup_bytes: int | None = 1024 * MiB
     # unarchived WAL retained at most (bytes) before segments are removed anyway
     max_archive_lag_bytes: int | None = None
     # an fsync slower than this is logged as a warning (checked off the write path)
@@ -59,16 +66,38 @@ class Config:
         if self.max_recovery_seconds is not None:
             _check_positive("max_recovery_seconds", self.max_recovery_seconds)
         _check_int("wal_buffer_size", self.wal_buffer_size, low=4096, high=1 << 30)
-        if self.archive_dir is not None:
-            if not isinstance(self.archive_dir, (str, os.PathLike)) or not os.fspath(
-                    self.archive_dir):
-                raise ConfigError("archive_dir", f"must be a path or None, not "
-                                  f"{self.archive_dir!r}")
-            object.__setattr__(self, "archive_dir",
-                               os.path.abspath(os.fsdecode(os.fspath(self.archive_dir))))
+        self._check_archive()
+        _check_positive("archive_interval", self.archive_interval)
+        if self.archive_backup_bytes is not None:
+            _check_int("archive_backup_bytes", self.archive_backup_bytes, low=1)
         if self.max_archive_lag_bytes is not None:
             _check_int("max_archive_lag_bytes", self.max_archive_lag_bytes, low=0)
         _check_number("slow_fsync_seconds", self.slow_fsync_seconds, low=0.0)
+
+    def _check_archive(self) -> None:
+        from .archivestore import normalize
+
+        values = {}
+        for name in ("archive", "archive_dir"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+                raise ConfigError(name, f"must be a directory, an s3://bucket/prefix URL or "
+                                  f"None, not {v!r}")
+            try:
+                values[name] = normalize(v if isinstance(v, str) else os.fsdecode(
+                    os.fspath(v)))
+            except ValueError as exc:
+                raise ConfigError(name, str(exc)) from None
+        if len(set(values.values())) > 1:
+            raise ConfigError("archive", f"archive={values['archive']!r} and archive_dir="
+                              f"{values['archive_dir']!r} name different archives (they are "
+                              "one option)")
+        if values:
+            loc = next(iter(values.values()))
+            object.__setattr__(self, "archive", loc)
+            object.__setattr__(self, "archive_dir", loc)
 
     @classmethod
     def from_options(cls, config: Config | None, options: dict[str, object]) -> Config:

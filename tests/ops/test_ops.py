@@ -3,12 +3,14 @@ and the operational log lines, against real directories."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -29,6 +31,7 @@ from enginehelpers import (
 )
 
 import walstate
+from walstate.archivestore import open_store
 from walstate.ops import cli
 from walstate.wal import list_segments
 
@@ -278,20 +281,32 @@ def _fill(db: walstate.Engine, start: int, n: int, model: dict | None = None,
             lsns.append((lsn, k, v))
 
 
-def test_archiving_copies_segments_before_removal(tmp_path: Path) -> None:
+def _pieces(arch: Path) -> list:
+    return walstate.archive.list_pieces(open_store(str(arch)))
+
+
+def test_archiving_ships_before_removal(tmp_path: Path, capsys) -> None:
     d, arch = tmp_path / "db", tmp_path / "arch"
-    with walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch) as db:
-        _fill(db, 0, 3000)
+    model: dict = {}
+    with walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch,
+                       archive_interval=0.05) as db:
+        _fill(db, 0, 3000, model)
         before = [os.path.basename(p) for p in segments(str(d))]
+        assert db._checkpointer.archiver.wait_archived()
         info = db.checkpoint()
         assert info.wal_segments_removed == len(before) - 1
         a = db.info()["archive"]
         assert a["failing"] is False and a["failures"] == 0
-        assert a["last_archived_lsn"] == list_segments(d / "wal")[0][0] - 1
-    archived = sorted(n for n in os.listdir(arch) if n.endswith(".seg"))
-    assert archived == before[:-1]
-    for name in archived:  # byte-identical copies
-        assert (arch / name).stat().st_size == SEG
+        assert a["url"] == str(arch) and a["archived_lsn"] == db.info()["durable_lsn"]
+        last = db.info()["last_lsn"]
+    pieces = _pieces(arch)
+    # complete segments are consolidated: one object each
+    assert sum(1 for p in pieces if p.kind == "seg") >= len(before) - 1
+    assert pieces[0].first == 1 and max(p.last for p in pieces) >= last
+    rc, _out = main(capsys, "restore", str(arch), str(tmp_path / "r"))
+    assert rc == 0
+    with walstate.open(tmp_path / "r") as r:
+        assert state(r) == model
 
 
 def test_archive_failure_keeps_segments_and_is_reported(tmp_path: Path, capsys,
@@ -299,14 +314,17 @@ def test_archive_failure_keeps_segments_and_is_reported(tmp_path: Path, capsys,
     d, arch = tmp_path / "db", tmp_path / "arch"
     arch.write_bytes(b"not a directory")  # mkdir/open in it fail
     caplog.set_level(logging.ERROR, logger="walstate")
-    db = walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch)
+    db = walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch,
+                       archive_interval=0.05)
     try:
         _fill(db, 0, 3000)
         before = segments(str(d))
+        assert wait_for(lambda: db.info()["archive"]["failing"], timeout=10)
         assert db.checkpoint().wal_segments_removed == 0
         assert segments(str(d)) == before
         a = db.info()["archive"]
-        assert a["failing"] and a["failures"] == 1 and a["lag_bytes"] >= SEG
+        assert a["failing"] and a["failures"] >= 1 and a["lag_bytes"] >= SEG
+        assert a["lag_seconds"] > 0
         assert str(arch) in a["last_error"]
         assert any("archiving failed" in r.getMessage() for r in caplog.records)
         # what another process sees: info and doctor
@@ -314,13 +332,30 @@ def test_archive_failure_keeps_segments_and_is_reported(tmp_path: Path, capsys,
         checks = {c["name"]: c for c in json.loads(out)["checks"]}
         assert rc == 1 and checks["archive"]["status"] == "FAIL"
         assert json.loads(run("info", str(d), "--json").stdout)["archive"]["failing"] is True
-        # the archive works again: the next checkpoint archives and removes
+        if importlib.util.find_spec("prometheus_client") is not None:
+            from prometheus_client.parser import text_string_to_metric_families
+
+            from walstate.ops import metrics
+
+            server = metrics.serve(db, 0)
+            try:
+                text = urllib.request.urlopen(server.url, timeout=10).read().decode()
+            finally:
+                server.close()
+            got = {s.name: s.value for f in text_string_to_metric_families(text)
+                   for s in f.samples}
+            assert got["walstate_archive_failing"] == 1
+            assert got["walstate_archive_failures_total"] >= 1
+            assert got["walstate_archive_lag_seconds"] > 0
+            assert got["walstate_archive_lag_bytes"] >= SEG
+        # the archive works again: shipping resumes by itself, then a checkpoint removes
         arch.unlink()
         _fill(db, 3000, 10)
+        assert wait_for(lambda: not db.info()["archive"]["failing"], timeout=20)
+        assert db._checkpointer.archiver.wait_archived()
         assert db.checkpoint().wal_segments_removed == len(before) - 1
         a = db.info()["archive"]
         assert a["failing"] is False and a["lag_bytes"] == 0
-        assert len([n for n in os.listdir(arch) if n.endswith(".seg")]) == len(before) - 1
     finally:
         db.close()
 
@@ -333,8 +368,10 @@ def test_read_only_archive_dir_keeps_segment(tmp_path: Path) -> None:
     code = (
         "import json, os, sys, walstate\n"
         "db = walstate.open(sys.argv[1], segment_size=65536, max_wal_size=1 << 30, "
-        "archive_dir=sys.argv[2])\n"
+        "archive_dir=sys.argv[2], archive_interval=0.05)\n"
         "for i in range(3000): db.put(b'k%d' % i, b'x' * 100)\n"
+        "import time\n"
+        "while not db.info()['archive']['failing']: time.sleep(0.01)\n"
         "n = len(os.listdir(os.path.join(sys.argv[1], 'wal')))\n"
         "ck = db.checkpoint()\n"
         "print(json.dumps({'before': n, 'removed': ck.wal_segments_removed, "
@@ -358,7 +395,7 @@ def test_read_only_archive_dir_keeps_segment(tmp_path: Path) -> None:
     out = json.loads(p.stdout)
     assert out["removed"] == 0 and out["after"] == out["before"]
     assert out["archive"]["failing"] and "ermission" in out["archive"]["last_error"]
-    assert [n for n in os.listdir(arch) if n.endswith(".seg")] == []
+    assert _pieces(arch) == []
 
 
 def _system_id_after_open(d: Path) -> int:
@@ -371,9 +408,10 @@ def test_archive_lag_limit_stops_retaining_loudly(tmp_path: Path, caplog) -> Non
     arch.write_bytes(b"x")
     caplog.set_level(logging.ERROR, logger="walstate")
     with walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch,
-                       max_archive_lag_bytes=SEG) as db:
+                       max_archive_lag_bytes=SEG, archive_interval=0.05) as db:
         _fill(db, 0, 3000)
         n = len(segments(str(d)))
+        assert wait_for(lambda: db.info()["archive"]["failing"], timeout=10)
         assert db.checkpoint().wal_segments_removed == n - 1
         a = db.info()["archive"]
         assert a["abandoned"] is True and a["holes"] and a["holes"][0][0] == 1
@@ -388,8 +426,9 @@ def test_archive_of_another_system_is_refused(tmp_path: Path) -> None:
         _fill(db, 0, 1000)
         db.checkpoint()
     with walstate.open(tmp_path / "b", segment_size=SEG, max_wal_size=1 << 30,
-                       archive_dir=arch) as db:
+                       archive_dir=arch, archive_interval=0.05) as db:
         _fill(db, 0, 1000)
+        assert wait_for(lambda: db.info()["archive"]["failing"], timeout=10)
         assert db.checkpoint().wal_segments_removed == 0
         assert "belongs to system_id" in db.info()["archive"]["last_error"]
 
@@ -399,6 +438,16 @@ def test_archive_options_are_validated() -> None:
         walstate.Config(archive_dir=5)
     with pytest.raises(walstate.ConfigError, match="max_archive_lag_bytes"):
         walstate.Config(max_archive_lag_bytes=-1)
+    with pytest.raises(walstate.ConfigError, match="archive"):
+        walstate.Config(archive="ftp://x/y")
+    with pytest.raises(walstate.ConfigError, match="bucket"):
+        walstate.Config(archive="s3://")
+    with pytest.raises(walstate.ConfigError, match="archive_interval"):
+        walstate.Config(archive_interval=0)
+    with pytest.raises(walstate.ConfigError, match="archive"):
+        walstate.Config(archive="/a", archive_dir="/b")
+    c = walstate.Config(archive_dir="s3://bucket/p/")
+    assert c.archive == c.archive_dir == "s3://bucket/p"
 
 
 # ---- backup and restore -----------------------------------------------------------
@@ -414,7 +463,8 @@ def _history(lsns: list, upto: int, base: dict | None = None) -> dict:
 def test_backup_and_restore_to_lsn_exactly(tmp_path: Path, capsys) -> None:
     d, arch, bk = tmp_path / "db", tmp_path / "arch", tmp_path / "bk"
     lsns: list = []
-    db = walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch)
+    db = walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch,
+                       archive_interval=0.05)
     try:
         _fill(db, 0, 2000, lsns=lsns)
         db.checkpoint()
@@ -440,10 +490,10 @@ def test_backup_and_restore_to_lsn_exactly(tmp_path: Path, capsys) -> None:
             assert state(r) == _history(lsns, n), n
             assert r.info()["recovery"]["to_lsn"] == n
         assert broken_files(str(dest)) == []
-    # without a target: as far as the archive goes (the live last segment is not archived)
+    # without a target: as far as the archive goes (a clean close shipped it all)
     rc, out = main(capsys, "restore", str(bk), str(tmp_path / "all"), "--json")
     far = json.loads(out)["lsn"]
-    assert rc == 0 and res["lsn"] + 4321 < far < lsns[-1][0]
+    assert rc == 0 and res["lsn"] + 4321 < far and far >= lsns[-1][0]
     with walstate.open(tmp_path / "all") as r:
         assert state(r) == _history(lsns, far)
 
@@ -466,29 +516,65 @@ def test_restore_refuses_unreachable_targets(tmp_path: Path, capsys) -> None:
     assert main(capsys, "restore", str(bk), str(tmp_path / "r3"))[0] == 1
 
 
-def test_restore_to_time_goes_by_backup_and_segment_times(tmp_path: Path, capsys) -> None:
+def test_restore_to_time_goes_by_backup_and_archive_times(tmp_path: Path, capsys) -> None:
     d, arch, bk = tmp_path / "db", tmp_path / "arch", tmp_path / "bk"
     lsns: list = []
-    with walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch) as db:
+    with walstate.open(d, segment_size=SEG, max_wal_size=1 << 30, archive_dir=arch,
+                       archive_interval=0.05) as db:
         _fill(db, 0, 500, lsns=lsns)
         run("backup", str(d), str(bk))
-        _fill(db, 500, 5000, lsns=lsns)
+        _fill(db, 500, 2000, lsns=lsns)
+        time.sleep(0.3)
+        t_mid = time.time()
+        mid_lsn = lsns[-1][0]
+        time.sleep(0.3)
+        _fill(db, 2500, 3000, lsns=lsns)
         db.checkpoint()
     label = json.loads((bk / "BACKUP_LABEL").read_text())
     rc = cli.main(["restore", str(bk), str(tmp_path / "early"), "--to-time",
                    str(label["created_at"] - 10)])
     assert rc == 1 and "older backup" in capsys.readouterr().err
-    # give the archived segments known times: the 3rd one onwards is "late"
-    archived = list_segments(arch)
-    t0 = label["created_at"] + 100
-    for i, (_first, p) in enumerate(archived):
-        os.utime(p, (t0 + 10 * i, t0 + 10 * i))
     rc, out = main(capsys, "restore", str(bk), str(tmp_path / "r"), "--to-time",
-                   str(t0 + 15), "--archive-dir", str(arch), "--json")
+                   str(t_mid), "--archive-dir", str(arch), "--json")
     res = json.loads(out)
-    assert rc == 0 and res["lsn"] == archived[2][0] - 1
+    assert rc == 0 and res["lsn"] == mid_lsn
     with walstate.open(tmp_path / "r") as r:
         assert state(r) == _history(lsns, res["lsn"])
+    # straight from the archive too (no backup needed: it holds the WAL from LSN 1)
+    rc, out = main(capsys, "restore", str(arch), str(tmp_path / "r2"), "--to-time",
+                   str(t_mid), "--json")
+    assert rc == 0 and json.loads(out)["lsn"] == mid_lsn
+
+
+def test_restore_to_time_of_a_plain_copy(tmp_path: Path, capsys) -> None:
+    """A plain copy of a data directory has no BACKUP_LABEL: its files' times say
+    when its writes were made; --to-time before them is refused; nan is no time."""
+    d = tmp_path / "db"
+    with walstate.open(d, segment_size=SEG) as db:
+        _fill(db, 0, 100)
+    t_before = time.time() - 60
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy)
+    rc = cli.main(["restore", str(copy), str(tmp_path / "r"), "--to-time", str(t_before)])
+    assert rc == 1 and "after --to-time" in capsys.readouterr().err
+    rc = cli.main(["restore", str(copy), str(tmp_path / "r"), "--to-time", "nan"])
+    assert rc == 2 and "not a time" in capsys.readouterr().err
+    rc, _out = main(capsys, "restore", str(copy), str(tmp_path / "r3"), "--to-time",
+                    str(time.time() + 1))
+    assert rc == 0
+
+
+def test_backup_copies_the_log_only_to_its_end(tmp_path: Path) -> None:
+    d, bk = tmp_path / "db", tmp_path / "bk"
+    with walstate.open(d, segment_size=16 << 20) as db:
+        for i in range(9000):
+            db.put(b"k%05d" % i, b"x" * 100)
+        run("backup", str(d), str(bk))
+        model = state(db)
+    wal = sum(os.path.getsize(p) for _f, p in list_segments(bk / "wal"))
+    assert wal < 2 << 20, wal  # not the preallocated 16 MiB
+    with walstate.open(bk, read_only=True) as b:
+        assert state(b) == model
 
 
 def test_backup_while_writer_process_writes(tmp_path: Path) -> None:
@@ -498,18 +584,22 @@ def test_backup_while_writer_process_writes(tmp_path: Path) -> None:
     child = subprocess.Popen(writer_cmd(str(d), **opts), stdout=subprocess.PIPE, text=True,
                              env=child_env())
     out_lines: list[str] = []
+    # drain the writer's output as it comes (a full pipe would stop the writer)
+    reader = threading.Thread(target=lambda: out_lines.extend(child.stdout), daemon=True)
     try:
         first = child.stdout.readline()
         out_lines.append(first)
         assert first.startswith("R ")
-        assert wait_for(lambda: len(list_segments(arch)) >= 2, timeout=30)
+        reader.start()
+        assert wait_for(lambda: arch.exists() and len(_pieces(arch)) >= 2, timeout=30)
         p = run("backup", str(d), str(bk), "--label", "hot", "--json")
         res = json.loads(p.stdout)
-        time.sleep(0.5)  # the writer goes on past the backup
+        n = len(out_lines)
+        assert wait_for(lambda: len(out_lines) > n + 50, timeout=30)  # it goes on past it
     finally:
         child.kill()
-        rest = child.communicate()[0]
-        out_lines.append(rest)
+        child.wait()
+        reader.join(10)
     hist = parse_writer_output("".join(out_lines), **opts)
     acked = hist["acked"]
     ops = dict(hist["attempts"])

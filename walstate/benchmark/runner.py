@@ -142,6 +142,9 @@ TARGETS = [
            "p99 put latency during a checkpoint <= 3 x without (sync=always)"),
     Target("memory", "walstate RSS growth", "max_wal_size", "<=", 3.0,
            "RSS <= start + 3 x max_wal_size while writing 20 x max_wal_size"),
+    Target("archive", "walstate sync=always, archive to a directory",
+           "walstate sync=always, no archive", ">=", 0.95,
+           "4 durable writers with WAL archiving >= 0.95 x without"),
 ]
 
 
@@ -741,16 +744,61 @@ class Bench:
                         detail=f"updates over {self.sz.keys} keys, segment_size = max_wal_size/4; "
                         "RSS from /proc/self/statm in a fresh process, sampled every 10k puts")
 
+    # -- durable, 4 writer threads, WAL archiving on vs off --
+    def archive(self) -> Workload:
+        import walstate
+
+        per = max(1, self.sz.thread_ops // THREADS)
+        n, data = per * THREADS, self.data
+        off, on = "walstate sync=always, no archive", "walstate sync=always, archive to a directory"
+
+        def run(d: str, archive: bool) -> dict[str, float]:
+            parts = [data.updates(per) for _ in range(THREADS)]
+            opts: dict[str, Any] = ({"archive": os.path.join(d, "archive"),
+                                     "archive_interval": 1.0} if archive else {})
+            db = walstate.open(os.path.join(d, "db"), **opts)
+            lags: list[float] = []
+            stop = threading.Event()
+
+            def sample() -> None:
+                while not stop.is_set():
+                    lags.append(db.info()["archive"]["lag_seconds"])
+                    stop.wait(0.01)
+            sampler = threading.Thread(target=sample) if archive else None
+            try:
+                if sampler is not None:
+                    sampler.start()
+                secs = _run_threads([
+                    (lambda ops=ops: _timed_puts(db.put, ops, None) and None)  # type: ignore[misc]
+                    for ops in parts])
+            finally:
+                stop.set()
+                if sampler is not None:
+                    sampler.join()
+                db.close()
+            if lags:
+                lags.sort()
+                self.note(f"archive: lag while {THREADS} durable writers ran: p50 "
+                          f"{lags[len(lags) // 2]:.3f} s, p99 "
+                          f"{lags[min(int(0.99 * len(lags)), len(lags) - 1)]:.3f} s "
+                          "(archive_interval 1 s, a local directory archive)")
+            return {on if archive else off: n / secs}
+
+        return Workload("archive", f"durable, {THREADS} writer threads, WAL archiving on vs off",
+                        "puts/s", True, off, [lambda d: run(d, False), lambda d: run(d, True)],
+                        detail=f"{n} puts in all per contender; the archive is a directory on "
+                        "the same disk")
+
     def workloads(self) -> list[Callable[[], Workload]]:
         return [self.durable_single, self.durable_threads, self.batches, self.fast,
                 self.get_snapshot, self.get_memtable, self.recovery, self.reopen,
                 self.checkpoint, lambda: self.ckpt_latency("none"),
-                lambda: self.ckpt_latency("always"), self.memory]
+                lambda: self.ckpt_latency("always"), self.memory, self.archive]
 
 
 WORKLOAD_KEYS = ["durable-1", "durable-4t", "batch-1000", "fast", "get-snapshot",
                  "get-memtable", "recovery", "reopen", "checkpoint", "ckpt-latency-none",
-                 "ckpt-latency-always", "memory"]
+                 "ckpt-latency-always", "memory", "archive"]
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:

@@ -44,7 +44,7 @@ from typing import Any
 
 import lmdb
 
-from ..archive import archived_segments, check_archive_dir, copy_durable, read_status
+from ..archive import copy_durable, pending_timeline, read_status, write_timeline_file
 from ..errors import CorruptionError, WalStateError
 from ..layout import (
     MARKER,
@@ -192,16 +192,27 @@ def _backup_once(src: Layout, dest: str, system_id: int, progress: Progress) -> 
     make_dirs(dl.wal)
     total = 0
     progress.total = sum(os.path.getsize(p) for _f, p in segs if os.path.exists(p))
+    # the last segment is preallocated to segment_size: copy it only up to the end
+    # of its records (as they are now; later ones are not in the backup)
+    last_first, last_src = segs[-1]
+    limit = None
+    try:
+        end0, _l, _r = _read_to_end(src.wal, system_id, last_first)
+        if end0 is not None and end0.status in ("clean", "torn") and \
+                end0.segment == last_first and end0.offset > 0:
+            limit = end0.offset
+    except (OSError, WalStateError):
+        limit = None
     for first, path in segs:
         try:
-            n = copy_durable(path, os.path.join(dl.wal, segment_name(first)))
+            n = copy_durable(path, os.path.join(dl.wal, segment_name(first)),
+                             limit=limit if first == last_first else None)
         except FileNotFoundError:
             raise _Retry(f"{path} was removed during the backup") from None
         total += n
         progress.advance(n)
     # the copied log must read cleanly up to its end; only the last segment may
     # have caught the writer mid-record (see module doc)
-    last_first, last_src = segs[-1]
     for _ in range(TAIL_RECOPIES):
         end, _last, _rec = _read_to_end(dl.wal, system_id, snap_lsn + 1)
         assert end is not None
@@ -267,11 +278,12 @@ def backup(src_dir: str, dest: str, *, label: str | None = None,
     res.label = label
     with open(src.marker, "rb") as f:
         write_atomic(os.path.join(dest, MARKER), f.read())
+    write_timeline_file(dest, pending_timeline(src, res.lsn))
     write_atomic(Layout(dest).backup_label, json.dumps({
         "label": label, "lsn": res.lsn, "checkpoint_lsn": res.checkpoint_lsn,
         "system_id": system_id, "started_at": started, "created_at": time.time(),
         "source": src.root, "kind": "backup",
-        "archive_dir": (read_status(src) or {}).get("dir")}, sort_keys=True).encode())
+        "archive_dir": (read_status(src) or {}).get("url")}, sort_keys=True).encode())
     fsync_dir(dest)
     fsync_dir(os.path.dirname(dest))
     progress.done()
@@ -284,38 +296,74 @@ def backup(src_dir: str, dest: str, *, label: str | None = None,
 def parse_time(text: str) -> float:
     """Epoch seconds from "1712345678.5" or ISO 8601 ("2024-04-05T12:00:00",
     local time unless it names a zone)."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    from datetime import datetime
+    import math
 
     try:
-        return datetime.fromisoformat(text).timestamp()
+        t = float(text)
     except ValueError:
-        raise ValueError(f"not a time: {text!r} (epoch seconds or ISO 8601)") from None
+        from datetime import datetime
+
+        try:
+            t = datetime.fromisoformat(text).timestamp()
+        except ValueError:
+            raise ValueError(f"not a time: {text!r} (epoch seconds or ISO 8601)") from None
+    if not math.isfinite(t):
+        raise ValueError(f"not a time: {text!r} (a finite number of epoch seconds or ISO "
+                         "8601)")
+    return t
+
+
+def newest_mtime(lay: Layout) -> float:
+    """The newest modification time of a directory's snapshot and WAL files: a
+    bound on when its last write was made (a plain copy has no BACKUP_LABEL)."""
+    newest = 0.0
+    for d in (lay.snapshot, lay.wal):
+        try:
+            names = os.listdir(d)
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".seg") or name == "data.mdb":
+                try:
+                    newest = max(newest, os.stat(os.path.join(d, name)).st_mtime)
+                except OSError:
+                    pass
+    return newest
 
 
 def restore(backup_dir: str, dest: str, *, archive_dir: str | None = None,
             to_lsn: int | None = None, to_time: float | None = None,
-            progress: Progress | None = None) -> Result:
-    """Makes ``dest`` a data directory holding the backup's state rolled forward
-    with archived WAL: up to LSN ``to_lsn`` exactly, to the last archived
-    segment written at or before ``to_time``, or as far as the archive goes."""
+            progress: Progress | None = None, timeline: int | None = None) -> Result:
+    """Makes ``dest`` a data directory holding the backup's state, rolled
+    forward with the archive's WAL if ``archive_dir`` (a directory or URL) is
+    given: up to LSN ``to_lsn`` exactly, to the last write acknowledged at or
+    before ``to_time``, or as far as the archive goes."""
     if to_lsn is not None and to_time is not None:
         raise ValueError("give --to-lsn or --to-time, not both")
+    if archive_dir is not None:
+        from .archivetool import restore_archive
+
+        res = restore_archive(archive_dir, dest, to_lsn=to_lsn, to_time=to_time,
+                              timeline=timeline, base_dir=backup_dir, progress=progress)
+        return Result(res.path, res.lsn, res.checkpoint_lsn, res.segments, res.bytes,
+                      res.label, notes=res.notes)
     bl = Layout(os.path.abspath(backup_dir))
     dest = os.path.abspath(dest)
     system_id = _system_id(bl, "a walstate backup")
     label = read_json(bl.backup_label) or {}
-    if to_time is not None and label.get("created_at") and label["created_at"] > to_time:
-        raise WalStateError(f"the backup {bl.root} was taken at {label['created_at']:.3f}, "
-                            f"after --to-time {to_time:.3f}: restore from an older backup")
-    if archive_dir is not None:
-        check_archive_dir(archive_dir, system_id, create=False)
+    if to_time is not None:
+        # a backup holds every write up to its end: it serves --to-time only if it
+        # was taken at or before T. A plain copy of a data directory has no label:
+        # its files' times bound when its last write was made.
+        created = label.get("created_at") or newest_mtime(bl)
+        if created > to_time:
+            what = "was taken" if label.get("created_at") else "holds writes made"
+            raise WalStateError(f"the backup {bl.root} {what} at {created:.3f}, after "
+                                f"--to-time {to_time:.3f}: restore from an older backup, or "
+                                "from the WAL archive")
     _fresh_dest(dest)
     try:
-        return _restore(bl, dest, system_id, label, archive_dir, to_lsn, to_time,
+        return _restore(bl, dest, system_id, label, None, to_lsn, to_time,
                         progress or Progress("restore", enabled=False))
     except BaseException:
         _clear_dest(dest)
@@ -326,9 +374,7 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
              to_lsn: int | None, to_time: float | None, progress: Progress) -> Result:
     dl = Layout(dest)
     segs = list_segments(bl.wal)
-    extra = archived_segments(archive_dir) if archive_dir else []
-    if segs:
-        extra = [(f, p) for f, p in extra if f >= segs[0][0]]
+    extra: list[tuple[int, str]] = []
     progress.total = (os.path.getsize(bl.snapshot_data)
                       + sum(os.path.getsize(p) for _f, p in segs + extra))
     make_dirs(dl.snapshot)
@@ -382,6 +428,7 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
                                 f"--to-lsn {to_lsn}" + (f" ({notes[-1]})" if notes else ""))
     with open(bl.marker, "rb") as f:
         write_atomic(dl.marker, f.read())
+    write_timeline_file(dest, pending_timeline(bl, lsn))
     write_atomic(dl.backup_label, json.dumps({
         **label, "lsn": lsn, "checkpoint_lsn": snap_lsn, "system_id": system_id,
         "kind": "restore", "restored_at": time.time(), "restored_from": bl.root,

@@ -98,11 +98,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     arch = info["archive"]
     if arch:
         state = ("FAILING: " + str(arch.get("last_error")) if arch.get("failing") else
-                 "ABANDONED segments (holes " + str(arch.get("holes")) + ")"
-                 if arch.get("abandoned") else "ok")
-        lines.append(("archive", f"{arch.get('dir')} up to LSN {arch.get('last_archived_lsn')}"
-                      f", {arch.get('failures')} failure(s), lag {arch.get('lag_bytes')} "
-                      f"bytes; {state}"))
+                 "holes " + str(arch.get("holes")) if arch.get("abandoned") else "ok")
+        lines.append(("archive", f"{arch.get('url') or arch.get('dir')} timeline "
+                      f"{arch.get('timeline')} up to LSN "
+                      f"{arch.get('archived_lsn', arch.get('last_archived_lsn'))}, lag "
+                      f"{float(arch.get('lag_seconds') or 0):.1f} s / {arch.get('lag_bytes')} "
+                      f"bytes, {arch.get('failures')} failure(s); {state}"))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:
         print(f"{k:<{width}}  {v}")
@@ -350,15 +351,36 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _is_archive(location: str) -> bool:
+    """An archive URL, or a directory that is an archive (has its marker)."""
+    from ..archivestore import is_url
+    from ..layout import ARCHIVE_MARKER
+
+    return is_url(location) or os.path.exists(os.path.join(location, ARCHIVE_MARKER))
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     from . import backup
 
     _require_dir(args.dir)
+    quiet = args.json or args.quiet
+    if _is_archive(args.dest) or args.archive:
+        from .archivetool import backup_to_archive
+
+        res = backup_to_archive(args.dir, args.dest, label=args.label,
+                                progress=Progress("backup", enabled=None if not quiet else False))
+        if args.json:
+            _print_json(res.as_dict())
+        elif not args.quiet:
+            print(f"base backup {res.label or '(no label)'} in {res.path}: every write up to "
+                  f"LSN {res.lsn} (snapshot LSN {res.checkpoint_lsn}, timeline {res.timeline}, "
+                  f"{res.bytes} bytes)")
+        return 0
     res = backup.backup(args.dir, args.dest, label=args.label,
-                        progress=Progress("backup", enabled=None if not args.json else False))
+                        progress=Progress("backup", enabled=None if not quiet else False))
     if args.json:
         _print_json(res.as_dict())
-    else:
+    elif not args.quiet:
         print(f"backup {res.label or '(no label)'} in {res.path}: every write up to LSN "
               f"{res.lsn} (snapshot LSN {res.checkpoint_lsn}, {res.segments} WAL segment(s), "
               f"{res.bytes} bytes, {res.attempts} attempt(s))")
@@ -370,24 +392,96 @@ def cmd_backup(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     from . import backup
 
-    _require_dir(args.backup)
-    to_time = backup.parse_time(args.to_time) if args.to_time is not None else None
-    archive = args.archive_dir
+    try:
+        to_time = backup.parse_time(args.to_time) if args.to_time is not None else None
+    except ValueError as exc:
+        print(f"walstate restore: --to-time: {exc}", file=sys.stderr)
+        return 2
+    if args.to_lsn is not None and args.to_lsn < 0:
+        print("walstate restore: --to-lsn must be >= 0", file=sys.stderr)
+        return 2
+    progress = Progress("restore", enabled=None if not args.json else False)
+    if _is_archive(args.source):
+        from .archivetool import restore_archive
+
+        res = restore_archive(args.source, args.dest, to_lsn=args.to_lsn, to_time=to_time,
+                              timeline=args.timeline, progress=progress)
+        if args.json:
+            _print_json(res.as_dict())
+        else:
+            print(f"restored {res.archive} (timeline {res.timeline}, base backup "
+                  f"{res.base_backup or 'none'}) into {res.path}: every write up to LSN "
+                  f"{res.lsn}")
+            for n in res.notes:
+                print(f"  note: {n}")
+        return 0
+    _require_dir(args.source)
+    archive = args.archive
     if archive is None and not args.no_archive:
-        label = read_json(Layout(os.path.abspath(args.backup)).backup_label) or {}
+        label = read_json(Layout(os.path.abspath(args.source)).backup_label) or {}
         archive = label.get("archive_dir")
-        if archive and not os.path.isdir(archive):
+        if archive and not (os.path.isdir(archive) and _is_archive(archive)):
             archive = None
-    res = backup.restore(args.backup, args.dest, archive_dir=archive, to_lsn=args.to_lsn,
-                         to_time=to_time,
-                         progress=Progress("restore", enabled=None if not args.json else False))
+    res = backup.restore(args.source, args.dest, archive_dir=archive, to_lsn=args.to_lsn,
+                         to_time=to_time, progress=progress, timeline=args.timeline)
     if args.json:
         _print_json({**res.as_dict(), "archive_dir": archive})
     else:
-        print(f"restored {os.path.abspath(args.backup)} into {res.path}: every write up to LSN "
+        print(f"restored {os.path.abspath(args.source)} into {res.path}: every write up to LSN "
               f"{res.lsn} (archive: {archive or 'none'})")
         for n in res.notes:
             print(f"  note: {n}")
+    return 0
+
+
+def cmd_archive(args: argparse.Namespace) -> int:
+    from . import archivetool
+
+    if args.archive_command == "ls":
+        out = archivetool.ls(args.url)
+        if args.json:
+            _print_json(out)
+            return 0
+        print(f"archive {out['url']} (layout version {out['archive_version']}, system_id "
+              f"{out['system_id']}, {out['bytes']} bytes)")
+        for t in out["timelines"]:
+            parent = (f", from timeline {t['parent']} at LSN {t['branch_lsn']}"
+                      if t["parent"] is not None else "")
+            print(f"  timeline {t['timeline']}{parent}: WAL LSN {t['first_lsn']}..{t['last_lsn']}"
+                  f", {t['segments']} segment(s) + {t['chunks']} chunk(s), {t['bytes']} bytes"
+                  + (f", last acknowledged write at {t['last_time']:.3f}" if t["last_time"]
+                     else ""))
+            for h in t["holes"]:
+                print(f"    HOLE: LSNs {h[0]}..{h[1]} are missing (restores stop there)")
+        if not out["base_backups"]:
+            print("  no base backups")
+        for b in out["base_backups"]:
+            print(f"  base backup {b['prefix']}: timeline {b['timeline']}, LSN {b['lsn']} "
+                  f"(snapshot {b['checkpoint_lsn']}), {b['bytes']} bytes, created "
+                  f"{b['created_at']:.3f}" + (f", label {b['label']}" if b["label"] else ""))
+        return 0
+    if args.archive_command == "verify":
+        out = archivetool.verify(args.url)
+        if args.json:
+            _print_json(out)
+        else:
+            for p in out["problems"]:
+                print(f"DAMAGE  {p}")
+            print(f"{'ok' if out['ok'] else 'DAMAGED'}: {out['pieces']} WAL piece(s), "
+                  f"{out['bytes']} bytes, {out['base_backups']} base backup(s) checked")
+        return 0 if out["ok"] else 1
+    if args.keep is not None and args.keep < 1:
+        print("walstate archive prune: --keep must be >= 1", file=sys.stderr)
+        return 2
+    out = archivetool.prune(args.url, keep=args.keep, keep_days=args.keep_days,
+                            apply=args.apply)
+    if args.json:
+        _print_json(out)
+    else:
+        verb = "deleted" if args.apply else "would delete (dry run; --apply deletes)"
+        print(f"keeping base backups: {', '.join(out['keep_backups']) or 'none'}")
+        print(f"{verb}: {len(out['delete_backups'])} base backup(s), {out['delete_objects']} "
+              f"object(s), {out['delete_bytes']} bytes")
     return 0
 
 
@@ -457,26 +551,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
 
-    s = sub.add_parser("backup", help="hot, consistent backup into DEST (a data directory)")
+    s = sub.add_parser("backup", help="hot, consistent backup into DEST: a data directory, "
+                       "or a base backup into an archive (s3://bucket/prefix or an archive "
+                       "directory)")
     s.add_argument("dir")
     s.add_argument("dest")
-    s.add_argument("--label", default=None, help="a name kept in DEST/BACKUP_LABEL")
+    s.add_argument("--label", default=None, help="a name kept with the backup")
+    s.add_argument("--archive", action="store_true", help="DEST is an archive directory "
+                   "(created if missing), not a data directory")
+    s.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_backup)
 
-    s = sub.add_parser("restore", help="point-in-time restore of a backup plus archived WAL "
-                       "into DEST")
-    s.add_argument("backup")
+    s = sub.add_parser("restore", help="restore from an archive (URL or directory: the newest "
+                       "base backup that serves the target, then the archived WAL) or from a "
+                       "backup directory (plus an archive's WAL) into DEST")
+    s.add_argument("source", metavar="SOURCE")
     s.add_argument("dest")
-    s.add_argument("--archive-dir", default=None, help="the WAL archive (default: the one "
-                   "the backup's source used)")
+    s.add_argument("--archive", "--archive-dir", dest="archive", default=None,
+                   help="with a backup directory as SOURCE: the archive whose WAL rolls it "
+                   "forward (default: the one the backup's source used, if a directory)")
     s.add_argument("--no-archive", action="store_true", help="restore the backup alone")
+    s.add_argument("--timeline", type=int, default=None, help="the history to restore "
+                   "(default: the newest; see `walstate archive ls`)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--to-lsn", type=int, default=None, help="stop after this LSN exactly")
-    g.add_argument("--to-time", default=None, help="epoch seconds or ISO 8601: up to the last "
-                   "archived segment written at or before it (segment granularity)")
+    g.add_argument("--to-time", default=None, help="epoch seconds or ISO 8601: every write "
+                   "acknowledged at or before T - archive_interval, none acknowledged after T")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("archive", help="look after a WAL archive: ls, verify, prune")
+    asub = s.add_subparsers(dest="archive_command", metavar="ACTION")
+    asub.required = True
+    a = asub.add_parser("ls", help="histories (timelines), base backups, LSN ranges, holes, "
+                        "sizes")
+    a.add_argument("url", metavar="URL")
+    a.add_argument("--json", action="store_true")
+    a = asub.add_parser("verify", help="check every checksum; exit 1 on damage")
+    a.add_argument("url", metavar="URL")
+    a.add_argument("--json", action="store_true")
+    a = asub.add_parser("prune", help="delete old base backups and the WAL only they need "
+                        "(dry run unless --apply)")
+    a.add_argument("url", metavar="URL")
+    a.add_argument("--keep", "--keep-last", "--keep-backups", dest="keep", type=int,
+                   default=None, help="keep the last N base backups (default 2 unless "
+                   "--keep-days)")
+    a.add_argument("--keep-days", "--days", dest="keep_days", type=float, default=None,
+                   help="keep base backups younger than D days")
+    a.add_argument("--apply", action="store_true", help="delete (default: only say what)")
+    a.add_argument("--dry-run", action="store_true", help="the default")
+    a.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_archive)
 
     s = sub.add_parser("bench", help="throughput against sqlite3, LMDB, RocksDB, LevelDB and raw "
                        "loops")
@@ -491,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeat", type=int, default=None, help="repetitions (median reported)")
     s.add_argument("--only", default=None, help="comma-separated workloads: durable-1, "
                    "durable-4t, batch-1000, fast, get-snapshot, get-memtable, recovery, reopen, "
-                   "checkpoint, ckpt-latency-none, ckpt-latency-always, memory")
+                   "checkpoint, ckpt-latency-none, ckpt-latency-always, memory, archive")
     s.add_argument("--markdown", action="store_true", help="the tables as Markdown")
     s.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw throughput bars and a put-latency CDF (needs matplotlib)")

@@ -202,18 +202,23 @@ def _check_archive(lay: Layout) -> Check:
     st = read_status(lay)
     if st is None:
         return Check("archive", "OK", "WAL archiving never ran here")
-    d = st.get("dir")
+    d = st.get("url") or st.get("dir")
+    lag = f"lag {float(st.get('lag_seconds') or 0):.1f} s, {st.get('lag_bytes', 0)} bytes"
     if st.get("failing"):
         return Check("archive", "FAIL", f"archiving to {d} fails ({st.get('failures')} "
-                     f"failure(s)); {st.get('lag_bytes', 0)} bytes of WAL wait; last error: "
+                     f"failure(s)); {lag} of WAL wait on local disk; last error: "
                      f"{st.get('last_error')}")
-    if d and not (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)):
+    if d and "://" not in d and not (os.path.isdir(d) and os.access(d, os.W_OK | os.X_OK)):
         return Check("archive", "FAIL", f"the archive directory {d} is missing or not "
                      "writable")
     if st.get("abandoned"):
-        return Check("archive", "WARN", f"segments were removed without archiving (holes at "
+        return Check("archive", "WARN", f"WAL was removed without archiving (holes at "
                      f"LSNs {st.get('holes')}): restores cannot cross them; take a new backup")
-    return Check("archive", "OK", f"archiving to {d}, up to LSN {st.get('last_archived_lsn')}")
+    if st.get("last_backup_error"):
+        return Check("archive", "WARN", f"archiving to {d} works, but the last automatic base "
+                     f"backup failed: {st.get('last_backup_error')}")
+    return Check("archive", "OK", f"archiving to {d} (timeline {st.get('timeline')}), up to "
+                 f"LSN {st.get('archived_lsn', st.get('last_archived_lsn'))}, {lag}")
 
 
 def run_checks(path: str, config: Config | None = None) -> list[Check]:

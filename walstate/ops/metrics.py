@@ -88,8 +88,12 @@ class EngineCollector(Collector):
              info.get("memtable_keys", 0)),
             ("walstate_failed", "1 if the engine refuses writes after an I/O failure",
              1 if info.get("failed") else 0),
-            ("walstate_archive_lag_bytes", "checkpointed WAL waiting for the archive",
+            ("walstate_archive_lag_bytes", "durable WAL not yet in the archive (bytes)",
              arch.get("lag_bytes", 0)),
+            ("walstate_archive_lag_seconds", "how long the oldest durable write not yet in "
+             "the archive has waited", arch.get("lag_seconds", 0.0)),
+            ("walstate_archived_lsn", "every record up to this LSN is in the archive",
+             arch.get("archived_lsn", 0)),
             ("walstate_archive_failing", "1 while WAL archiving fails",
              1 if arch.get("failing") else 0),
         )
