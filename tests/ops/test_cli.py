@@ -207,7 +207,7 @@ def test_checkpoint_command(tmp_path: Path) -> None:
         assert db.get(b"key0001") is None
 
 
-def test_checkpoint_on_locked_directory_exits_1(tmp_path: Path) -> None:
+def test_checkpoint_on_locked_directory_asks_the_writer(tmp_path: Path) -> None:
     d = tmp_path / "db"
     make_db(d)
     child = subprocess.Popen(
@@ -215,8 +215,8 @@ def test_checkpoint_on_locked_directory_exits_1(tmp_path: Path) -> None:
          "print('ready', flush=True); time.sleep(60)", str(d)], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
-        p = run("checkpoint", str(d), check=1)
-        assert str(child.pid) in p.stderr
+        p = run("checkpoint", str(d))  # the running writer checkpoints (walstate/control.py)
+        assert p.stdout.startswith("checkpoint ")
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait()
