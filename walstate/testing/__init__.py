@@ -137,6 +137,22 @@ class _RecordingBatch:
         self._ops = []
 
 
+
+def run_op(db: Any, op: tuple) -> int:
+    """Performs one operation of the op encoding (("P", k, v), ("D", k) or
+    ("B", [ops])) on ``db`` as one WAL record; returns its LSN."""
+    if op[0] == "P":
+        return db.put(op[1], op[2])
+    if op[0] == "D":
+        return db.delete(op[1])
+    with db.batch() as b:
+        for o in op[1]:
+            if o[0] == "P":
+                b.put(o[1], o[2])
+            else:
+                b.delete(o[1])
+    return b.lsn
+
 class RecordingEngine:
     """An :class:`~walstate.Engine` that reports each write: "A seq op" before it
     starts, "K seq" (durable) or "R seq" (returned, not yet durable) after it
@@ -162,18 +178,7 @@ class RecordingEngine:
             seq = self._seq
             self._mark(f"A {seq} {json.dumps(_enc(op))}")
             try:
-                if op[0] == "P":
-                    lsn = db.put(op[1], op[2])
-                elif op[0] == "D":
-                    lsn = db.delete(op[1])
-                else:
-                    with db.batch() as b:
-                        for o in op[1]:
-                            if o[0] == "P":
-                                b.put(o[1], o[2])
-                            else:
-                                b.delete(o[1])
-                    lsn = b.lsn
+                lsn = run_op(db, op)
             except BaseException as exc:
                 self._mark(f"F {seq} {type(exc).__name__}")
                 raise

@@ -82,7 +82,7 @@ from .. import _hooks
 from .._native import lib
 from ..layout import SNAPSHOT_DATA, SNAPSHOT_DIR, WAL_DIR
 from ..wal import segment_name
-from . import History, _drop, check_recovered
+from . import History, _drop, check_recovered, run_op
 from .crashsim import FLAVORS, SECTOR, read_tree
 
 __all__ = ["CHECKPOINT_STEPS", "RECOVERY_STEPS", "WHERE", "RecordedEngine", "Recovery",
@@ -211,18 +211,7 @@ class RecordedEngine(MutableMapping):
             pre = m._wal_pos()
             db = self._db
             try:
-                if op[0] == "P":
-                    lsn = db.put(op[1], op[2])
-                elif op[0] == "D":
-                    lsn = db.delete(op[1])
-                else:
-                    with db.batch() as b:
-                        for o in op[1]:
-                            if o[0] == "P":
-                                b.put(o[1], o[2])
-                            else:
-                                b.delete(o[1])
-                    lsn = b.lsn
+                lsn = run_op(db, op)
             except BaseException as exc:
                 h.status[seq] = "F:" + type(exc).__name__
                 raise
