@@ -226,12 +226,22 @@ int h_pread_all(int fd, void *buf, size_t len, uint64_t off)
     return (int)(got == len ? 0 : -EIO);
 }
 
+/* A failed fsync is a lost write-back, whatever its errno: the file system
+ * granted the space when the bytes were written (segments are fallocated and
+ * zero-filled), so ENOSPC here comes from the device below (a thin volume, a
+ * loop device on a full file system) and the pages may already be gone. Reported as EIO, so that no caller takes
+ * it for a clean full disk. */
+static int sync_errno(void)
+{
+    return errno == ENOSPC || errno == EDQUOT ? -EIO : -errno;
+}
+
 int h_fdatasync(int fd)
 {
     int f = fault(WAL_OP_FDATASYNC);
     if (f < 0)
         return f;
-    return fdatasync(fd) < 0 ? -errno : 0;
+    return fdatasync(fd) < 0 ? sync_errno() : 0;
 }
 
 int h_fsync(int fd)
@@ -239,7 +249,7 @@ int h_fsync(int fd)
     int f = fault(WAL_OP_FDATASYNC);
     if (f < 0)
         return f;
-    return fsync(fd) < 0 ? -errno : 0;
+    return fsync(fd) < 0 ? sync_errno() : 0;
 }
 
 int h_fallocate(int fd, uint64_t len)
