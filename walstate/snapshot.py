@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import lmdb
 
 from .errors import (
+    ConfigError,
     CorruptionError,
     DiskFullError,
     EngineFailedError,
@@ -30,7 +31,7 @@ from .errors import (
     MismatchError,
     WalStateError,
 )
-from .layout import FORMAT_VERSION, SNAPSHOT_DATA, fsync_dir
+from .layout import FORMAT_VERSION, SNAPSHOT_DATA, SNAPSHOT_LOCK, fsync_dir
 from .wal import crc32c
 
 _CRC = struct.Struct("<I")
@@ -152,6 +153,34 @@ def _open_env(path: str, map_size: int, read_only: bool, create: bool) -> lmdb.E
                      create=create, readahead=False, meminit=False, max_readers=512)
 
 
+# LMDB's lock file is ~33 KiB for max_readers=512; LMDB writes it through a
+# shared mapping, so it gets its space beforehand (see _allocate_lock_file).
+LOCK_FILE_BYTES = 64 * 1024
+
+
+def _allocate_lock_file(path: str) -> None:
+    """Gives LMDB's lock file its disk space before LMDB maps it: LMDB sizes it
+    with ftruncate (a sparse file) and writes it through a shared mapping, so
+    on a full disk the first store into it kills the process with SIGBUS
+    (found: the first open on a full tmpfs). With the space allocated here a
+    full disk is a DiskFullError, and LMDB, finding the file large enough,
+    keeps its size."""
+    lock = os.path.join(path, SNAPSHOT_LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_blocks * 512 < LOCK_FILE_BYTES:
+            try:
+                os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFullError(f"creating the snapshot's lock file {lock}: the disk "
+                                        "is full; free some space and open again", lock) from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    finally:
+        os.close(fd)
+
+
 _shared: dict[str, _SharedEnv] = {}
 _shared_mu = threading.Lock()
 
@@ -186,10 +215,16 @@ class Snapshot:
                 except lmdb.Error as exc:
                     raise self._translate(exc, "opening the snapshot", opening=True) from None
             if sh is None:
+                if not read_only:
+                    _allocate_lock_file(path)
                 try:
                     env = _open_env(path, map_size, read_only, create)
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
+                except lmdb.MemoryError as exc:
+                    raise ConfigError("map_size", f"{map_size} bytes cannot be mapped on this "
+                                      f"machine ({exc}, opening {path}); choose a smaller "
+                                      "map_size (the engine grows the map as needed)") from None
                 except lmdb.Error as exc:
                     raise self._translate(exc, "opening the snapshot", opening=True) from None
                 _shared[key] = sh
@@ -198,7 +233,11 @@ class Snapshot:
         self._bind(sh)
         sh.users.add(self)
         if create:
-            fsync_dir(path)  # LMDB does not fsync its directory
+            try:
+                fsync_dir(path)  # LMDB does not fsync its directory
+            except BaseException:
+                self.close()  # else the environment stays open in this process
+                raise
 
     def _bind(self, sh: _SharedEnv) -> None:
         """Points this open at the shared environment's current handles."""
