@@ -9,10 +9,10 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .._opening import unmarked_state
 from ..archive import read_status
 from ..config import Config
 from ..errors import WalStateError
-from .._opening import unmarked_state
 from ..layout import MARKER, Layout, lock_is_held, read_lock_holder, read_marker
 from .repair import broken_files
 
