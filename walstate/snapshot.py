@@ -183,6 +183,36 @@ def _allocate_lock_file(path: str) -> None:
 
 _shared: dict[str, _SharedEnv] = {}
 _shared_mu = threading.Lock()
+# In a child made by os.fork(): the environments it inherited. LMDB forbids
+# using an environment after fork, and releasing one (closing it, aborting its
+# read transactions) writes to the reader table that the parent shares, so
+# they are kept, never released, for as long as the child lives -- this list
+# holds an extra reference (made in _keep_forever) that not even the
+# interpreter's exit drops; a new open in the child makes its own environment.
+_inherited: list[_SharedEnv] = []
+
+
+def _keep_forever(obj: object) -> None:
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+_inherited_from: dict[str, int] = {}  # directory -> the parent that has it open
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _shared_mu, _pid
+    _inherited.extend(_shared.values())
+    _inherited_from.update(dict.fromkeys(_shared, _pid))
+    _pid = os.getpid()
+    _shared.clear()
+    _shared_mu = threading.Lock()
+
+
+_keep_forever(_inherited)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Snapshot:
@@ -207,6 +237,12 @@ class Snapshot:
         if create:
             os.makedirs(path, exist_ok=True)
         key = os.path.realpath(path)
+        if key in _inherited_from:
+            raise LockedError(
+                f"{path}: this process was forked from process {_inherited_from[key]}, which "
+                "has this snapshot open; LMDB cannot open it again in the child: open the "
+                "directory from a new process (e.g. multiprocessing's 'spawn')",
+                pid=_inherited_from[key])
         with _shared_mu:
             sh = _shared.get(key)
             if sh is not None and not read_only and not sh.writable:
