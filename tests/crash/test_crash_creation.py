@@ -343,3 +343,23 @@ def test_sigkill_at_300_random_instants_of_open_and_close_each(tmp_path):
 def test_kill_points_cover_the_creation():
     assert set(CREATE_STEPS[:4]) <= set(_hooks.KILL_POINTS_PY)
     assert set(CREATE_STEPS[4:]) <= set(_hooks.KILL_POINTS_C)
+
+
+def first_writes(db, rng):
+    """The first open of the directory, then a few acknowledged writes."""
+    for i in range(5):
+        db.put(b"first%d" % i, rng.randbytes(50))
+
+
+def test_power_loss_campaign_from_an_existing_empty_directory(tmp_path):
+    """crash_check's oracle over the first open of an existing empty directory."""
+    from walstate.testing import crash_check
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = crash_check(first_writes, runs=1, seed=21, states_per_run=30,
+                      workdir=str(tmp_path), start=str(empty), recovery_kill_every=0,
+                      chain=False, keep_failures=False)
+    print(res.summary())
+    assert res.ok, res.summary()
+    assert res.crash_states >= 30 and res.ops_acknowledged == 5
