@@ -24,6 +24,10 @@ from . import _hooks
 from .errors import CorruptionError, MismatchError, WalStateError
 from .layout import (
     FORMAT_VERSION,
+    LOCK,
+    MARKER,
+    SNAPSHOT_DIR,
+    WAL_DIR,
     DirLock,
     Layout,
     check_access,
@@ -95,7 +99,7 @@ def clear_interrupted(lay: Layout, *, map_size: int) -> None:
         os.unlink(lay.marker + ".tmp")
     if not (os.path.lexists(lay.wal) or os.path.lexists(lay.snapshot)):
         return
-    if _wal_has_records(lay) or _snapshot_has_data(lay, map_size):
+    if holds_data(lay, map_size):
         raise CorruptionError(
             f"{lay.root} holds walstate data but its creation marker {lay.marker} is "
             "missing; refusing to start a new database over it", path=lay.marker)
@@ -111,6 +115,34 @@ def clear_interrupted(lay: Layout, *, map_size: int) -> None:
         fsync_dir(lay.snapshot)
 
 
+CREATION_LEFTOVERS = (LOCK, MARKER + ".tmp", WAL_DIR, SNAPSHOT_DIR)
+
+
+def unmarked_state(lay: Layout, *, map_size: int = 1 << 20) -> str:
+    """What a directory without a marker is to ``open`` (changes nothing):
+    "missing" or "empty" (open creates a database), "interrupted" (what a
+    cut-short creation left: open clears it and creates again), "data" (files
+    that may hold a user's data: open refuses), "other" (only files that are
+    not walstate's: open creates a database beside them)."""
+    if not os.path.isdir(lay.root):
+        return "missing"
+    names = set(os.listdir(lay.root))
+    if not names:
+        return "empty"
+    ours = names & set(CREATION_LEFTOVERS)
+    if not ours:
+        return "other"
+    if (os.path.lexists(lay.wal) or os.path.lexists(lay.snapshot)) and holds_data(
+            lay, map_size, read_only=True):
+        return "data"
+    return "interrupted"
+
+
+def holds_data(lay: Layout, map_size: int, *, read_only: bool = False) -> bool:
+    """Whether wal/ or snapshot/ may hold a user's data (see clear_interrupted)."""
+    return _wal_has_records(lay) or _snapshot_has_data(lay, map_size, read_only)
+
+
 def _wal_has_records(lay: Layout) -> bool:
     if not os.path.isdir(lay.wal) or not list_segments(lay.wal):
         return False  # a creation makes wal/ empty; its first segment comes after the marker
@@ -121,14 +153,14 @@ def _wal_has_records(lay: Layout) -> bool:
         return True  # unreadable segments: not ours to remove
 
 
-def _snapshot_has_data(lay: Layout, map_size: int) -> bool:
+def _snapshot_has_data(lay: Layout, map_size: int, read_only: bool = False) -> bool:
     """Whether snapshot/ holds keys or a checkpoint past 0. An LMDB environment
     that does not open is one whose creation was cut short (LMDB writes its
     first pages when it creates the file) unless it is large."""
     if not os.path.exists(lay.snapshot_data):
         return False
     try:
-        snap = Snapshot(lay.snapshot, map_size=map_size, read_only=False, create=False)
+        snap = Snapshot(lay.snapshot, map_size=map_size, read_only=read_only, create=False)
     except (WalStateError, OSError):
         # a cut-short creation leaves at most LMDB's first pages and checkpoint 0
         return os.path.getsize(lay.snapshot_data) > (1 << 20)

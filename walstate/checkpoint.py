@@ -24,7 +24,7 @@ from itertools import islice
 from typing import Any, Protocol
 
 from ._native import speedups as _speedups
-from .errors import DiskFullError, EngineFailedError, WalStateError
+from .errors import ClosedError, DiskFullError, EngineFailedError, WalStateError
 from .layout import FORMAT_VERSION
 from .snapshot import META_CHECKPOINT, META_FOLD, Snapshot
 from .wal import Wal
@@ -207,6 +207,8 @@ class Checkpointer:
                     continue
             try:
                 self.run(reason, paced=True)
+            except ClosedError:
+                return  # the engine is closing
             except WalStateError as exc:
                 log.error("checkpoint (%s) failed: %s", reason, exc)
                 with self._cv:
@@ -233,6 +235,10 @@ class Checkpointer:
     def run(self, reason: str, paced: bool = False) -> CheckpointInfo:
         """Runs one checkpoint to completion; returns its info once durable."""
         with self._run_mu:
+            if self._stop and reason != "shutdown":
+                # the engine is closing: its shutdown checkpoint is the last one
+                raise ClosedError("the engine is closing: no checkpoint after its shutdown "
+                                  "checkpoint")
             self._set_running(True)
             t0 = time.perf_counter()
             try:

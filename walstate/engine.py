@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,7 +35,7 @@ from .layout import (
     read_marker,
 )
 from .recovery import replay
-from .snapshot import Snapshot
+from .snapshot import Snapshot, _keep_forever
 from .wal import Wal, list_segments
 
 log = logging.getLogger("walstate")
@@ -56,13 +57,34 @@ def _field(holder: str, name: str, doc: str) -> Any:
 
 
 class _ClosedTable:
-    """Stands in for the in-memory table after close: any read raises ClosedError."""
+    """Stands in for the in-memory table after close (or in a process that
+    inherited the engine through fork): every use raises ClosedError, so that a
+    call racing close() fails cleanly, and the C hot path (which serves only a
+    dict) takes the slow path."""
 
-    def __init__(self, path: str) -> None:
-        self.path = path
+    def __init__(self, message: str) -> None:
+        self.message = message
 
-    def get(self, key: object, default: object = None) -> object:
-        raise ClosedError(f"walstate engine for {self.path} is closed")
+    def _closed(self, *args: object, **kw: object) -> Any:
+        raise ClosedError(self.message)
+
+    get = update = items = keys = values = _closed
+    __getitem__ = __setitem__ = __len__ = __iter__ = __contains__ = _closed
+
+
+# Every engine of this process, so that a child made by os.fork() can make the
+# ones it inherited inert (_Inherited) before any of its code runs.
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_inherited_keep: list[Engine] = []  # in a fork child: never released (see _inherited)
+
+
+def _after_fork_in_child() -> None:
+    for eng in list(_engines):
+        eng._inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+_keep_forever(_inherited_keep)  # not even the interpreter's exit frees it
 
 
 class Batch:
@@ -154,6 +176,9 @@ class Engine:
         self._session_mu = threading.Lock()
         self._session = False  # the log marked in use (_start_session)
         self._closed = False
+        self._closing = False  # close() began: new writes raise ClosedError
+        self._closed_durable_lsn = 0  # what close() made durable (_acknowledge)
+        self._pid = os.getpid()  # the process the engine belongs to (fork)
         self._failed: BaseException | None = None
         self._dirlock: DirLock | None = None
         self._wal: Wal | None = None
@@ -176,6 +201,7 @@ class Engine:
                 raise DiskFullError(f"opening {self.path}: the disk is full ({exc}); free some "
                                     "space and open again", exc.filename) from exc
             raise
+        _engines.add(self)
 
     # ---- opening -----------------------------------------------------------
     def _open(self) -> None:
@@ -254,12 +280,12 @@ class Engine:
         after a clean close at the first write. ``counted``: after open returned
         (its record and fsync are then taken out of stats())."""
         with self._session_mu:
-            if self._session or self._closed:
+            if self._session or self._closed or self._closing:
                 return
             before = self._raw_stats() if counted else {}
             wal = self._wal
             with self._locked():  # a close meanwhile waits for the handle
-                if self._closed:
+                if self._closed or self._closing:
                     return
                 wal.sync(wal.append(codec.SESSION, b""))  # type: ignore[union-attr]
                 self._last_lsn = wal.stats()["next_lsn"] - 1  # type: ignore[union-attr, operator]
@@ -278,12 +304,12 @@ class Engine:
 
     # ---- state checks ------------------------------------------------------
     def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError(f"walstate engine for {self.path} is closed")
+        if self._closed or self._pid != os.getpid():
+            raise self._closed_error()
 
     def _check_write(self) -> None:
-        if self._closed:
-            raise ClosedError(f"walstate engine for {self.path} is closed")
+        if self._closed or self._closing or self._pid != os.getpid():
+            raise self._closed_error()
         if self._wal is None:
             raise ReadOnlyError(f"{self.path} is open read-only")
         if self._failed is not None:
@@ -296,6 +322,38 @@ class Engine:
             except EngineFailedError as exc:
                 self._fail(exc)
                 raise
+
+    def _closed_error(self) -> ClosedError:
+        if self._pid != os.getpid():
+            return ClosedError(
+                f"walstate engine for {self.path} belongs to process {self._pid}; this "
+                f"process ({os.getpid()}) inherited it through fork() and may not use or "
+                "close it (nothing was changed): open the directory in this process once "
+                "the owner has closed it")
+        if self._closed:
+            return ClosedError(f"walstate engine for {self.path} is closed")
+        return ClosedError(f"walstate engine for {self.path} is closing: no new writes")
+
+    def _inherited(self) -> None:
+        """In a child made by os.fork() (see _after_fork_in_child): makes this
+        engine, which belongs to the parent, inert -- the C hot path off, the
+        tables replaced by ones that raise -- without touching a file, a lock or
+        a thread: the parent still uses them all (its WAL offsets and LSNs, its
+        flock on LOCK, its LMDB reader slots)."""
+        if self._closed:
+            return
+        hot = self._hot
+        hot.writable = 0
+        hot.set_wal(0, 0)
+        hot.snap_get = None
+        hot.table = _ClosedTable(str(self._closed_error()))
+        # The parent's resources are never released here: the engine (and its
+        # LMDB environment and read transactions, whose release writes to the
+        # shared reader table) is kept alive until this process ends.
+        _inherited_keep.append(self)
+        # fresh locks: a thread of the parent may have held these at the fork
+        self._lock = threading.RLock()
+        self._close_mu = threading.Lock()
 
     def _fail(self, exc: BaseException) -> None:
         self._writable = False
@@ -366,6 +424,8 @@ class Engine:
         """Appends one record holding ``ops`` and applies them (the general put())."""
         try:
             with self._locked():
+                if self._closing or self._closed:  # close() began while we waited
+                    raise self._closed_error()     # (nothing written)
                 lsn = self._wal.append(rtype, payload)  # type: ignore[union-attr]
                 self._active.update(ops)
                 self._last_lsn = lsn
@@ -385,6 +445,10 @@ class Engine:
             except EngineFailedError as exc:
                 self._fail(exc)
                 raise
+            except ClosedError:
+                # close() ran meanwhile: its final sync covers every append before it
+                if lsn > self._closed_durable_lsn:
+                    raise
         hot = self._hot
         if hot.wal_bytes - hot.frozen_bytes > hot.threshold:
             ck = self._checkpointer
@@ -434,18 +498,23 @@ class Engine:
         return self._hot.get(key, default)
 
     def _get_cold(self, key: Any, default: Any = None) -> Any:
-        if self._closed:
-            raise ClosedError(f"walstate engine for {self.path} is closed")
+        if self._closed or self._pid != os.getpid():
+            raise self._closed_error()
         if type(key) is not bytes or not 0 < len(key) <= codec.MAX_KEY:
             key = codec.as_key(key)
             v = self._active.get(key, _MISSING)
             if v is not _MISSING:
                 return default if v is None else v
-        for table in self._frozen:
-            v = table.get(key, _MISSING)
-            if v is not _MISSING:
-                return default if v is None else v
-        v = self._snapshot.get(key)  # type: ignore[union-attr]
+        try:
+            for table in self._frozen:
+                v = table.get(key, _MISSING)
+                if v is not _MISSING:
+                    return default if v is None else v
+            v = self._snapshot.get(key)  # type: ignore[union-attr]
+        except Exception as exc:
+            if self._closed:  # close() released the snapshot under us
+                raise self._closed_error() from exc
+            raise
         return default if v is None else v
 
     def __contains__(self, key: object) -> bool:
@@ -459,6 +528,7 @@ class Engine:
         start = None if start is None else codec.as_key(start)
         stop = None if stop is None else codec.as_key(stop)
         with self._locked():
+            self._check_open()  # (a close() meanwhile replaced the tables)
             tables = (*reversed(self._frozen), self._active)
             if start is None and stop is None and len(tables) == 1:
                 view = dict(self._active)
@@ -621,12 +691,22 @@ class Engine:
 
     # ---- closing -------------------------------------------------------------
     def close(self) -> None:
-        """Flushes, runs a shutdown checkpoint and releases the lock. Idempotent."""
+        """Flushes, runs a shutdown checkpoint and releases the lock. Idempotent.
+
+        From the moment close() begins, new writes (and checkpoint()) raise
+        ClosedError and write nothing; the writes already in flight complete
+        and are covered by the shutdown checkpoint. In a process that inherited
+        the engine through fork(), raises ClosedError and changes nothing."""
+        if self._pid != os.getpid():
+            raise self._closed_error()
         with self._close_mu:
             if self._closed:
                 return
             if self._control is not None:
                 self._control.close()  # no new control requests
+            with self._locked():  # no write is between its check and its append
+                self._closing = True
+                self._writable = False
             err: BaseException | None = None
             if self._flusher is not None:
                 self._flusher_stop.set()
@@ -638,7 +718,7 @@ class Engine:
                     if self._wal_bytes > 0 or self._active or self._frozen:
                         self._checkpointer.run("shutdown")  # type: ignore[union-attr]
                     self._wal.append(codec.SHUTDOWN, b"")
-                    self._wal.sync()
+                    self._closed_durable_lsn = self._wal.sync()
                 except WalStateError as exc:
                     err = exc
                 except OSError as exc:
@@ -692,6 +772,8 @@ class Engine:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("read-only" if self._wal is None else "open")
+        if self._pid != os.getpid():
+            state = f"of process {self._pid}"
         return f"<walstate.Engine {self.path!r} {state}>"
 
 

@@ -192,6 +192,19 @@ _held: set[str] = set()
 _held_mu = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A child made by os.fork() holds no directory: the parent's DirLocks (whose
+    flock the child shares, and whose LOCK file names the parent) are never
+    released there (walstate.engine makes inherited engines inert), and an open
+    of the same directory in the child meets the parent's flock: LockedError."""
+    global _held_mu
+    _held.clear()
+    _held_mu = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def read_lock_holder(layout: Layout) -> dict | None:
     """What the holder wrote into LOCK (pid, host, started_at), if anything."""
     try:

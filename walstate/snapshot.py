@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import lmdb
 
 from .errors import (
+    ConfigError,
     CorruptionError,
     DiskFullError,
     EngineFailedError,
@@ -30,7 +31,7 @@ from .errors import (
     MismatchError,
     WalStateError,
 )
-from .layout import FORMAT_VERSION, SNAPSHOT_DATA, fsync_dir
+from .layout import FORMAT_VERSION, SNAPSHOT_DATA, SNAPSHOT_LOCK, fsync_dir
 from .wal import crc32c
 
 _CRC = struct.Struct("<I")
@@ -152,8 +153,66 @@ def _open_env(path: str, map_size: int, read_only: bool, create: bool) -> lmdb.E
                      create=create, readahead=False, meminit=False, max_readers=512)
 
 
+# LMDB's lock file is ~33 KiB for max_readers=512; LMDB writes it through a
+# shared mapping, so it gets its space beforehand (see _allocate_lock_file).
+LOCK_FILE_BYTES = 64 * 1024
+
+
+def _allocate_lock_file(path: str) -> None:
+    """Gives LMDB's lock file its disk space before LMDB maps it: LMDB sizes it
+    with ftruncate (a sparse file) and writes it through a shared mapping, so
+    on a full disk the first store into it kills the process with SIGBUS
+    (found: the first open on a full tmpfs). With the space allocated here a
+    full disk is a DiskFullError, and LMDB, finding the file large enough,
+    keeps its size."""
+    lock = os.path.join(path, SNAPSHOT_LOCK)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_blocks * 512 < LOCK_FILE_BYTES:
+            try:
+                os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFullError(f"creating the snapshot's lock file {lock}: the disk "
+                                        "is full; free some space and open again", lock) from exc
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    finally:
+        os.close(fd)
+
+
 _shared: dict[str, _SharedEnv] = {}
 _shared_mu = threading.Lock()
+# In a child made by os.fork(): the environments it inherited. LMDB forbids
+# using an environment after fork, and releasing one (closing it, aborting its
+# read transactions) writes to the reader table that the parent shares, so
+# they are kept, never released, for as long as the child lives -- this list
+# holds an extra reference (made in _keep_forever) that not even the
+# interpreter's exit drops; a new open in the child makes its own environment.
+_inherited: list[_SharedEnv] = []
+
+
+def _keep_forever(obj: object) -> None:
+    import ctypes
+
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+_inherited_from: dict[str, int] = {}  # directory -> the parent that has it open
+_pid = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _shared_mu, _pid
+    _inherited.extend(_shared.values())
+    _inherited_from.update(dict.fromkeys(_shared, _pid))
+    _pid = os.getpid()
+    _shared.clear()
+    _shared_mu = threading.Lock()
+
+
+_keep_forever(_inherited)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Snapshot:
@@ -178,6 +237,12 @@ class Snapshot:
         if create:
             os.makedirs(path, exist_ok=True)
         key = os.path.realpath(path)
+        if key in _inherited_from:
+            raise LockedError(
+                f"{path}: this process was forked from process {_inherited_from[key]}, which "
+                "has this snapshot open; LMDB cannot open it again in the child: open the "
+                "directory from a new process (e.g. multiprocessing's 'spawn')",
+                pid=_inherited_from[key])
         with _shared_mu:
             sh = _shared.get(key)
             if sh is not None and not read_only and not sh.writable:
@@ -186,10 +251,16 @@ class Snapshot:
                 except lmdb.Error as exc:
                     raise self._translate(exc, "opening the snapshot", opening=True) from None
             if sh is None:
+                if not read_only:
+                    _allocate_lock_file(path)
                 try:
                     env = _open_env(path, map_size, read_only, create)
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
+                except lmdb.MemoryError as exc:
+                    raise ConfigError("map_size", f"{map_size} bytes cannot be mapped on this "
+                                      f"machine ({exc}, opening {path}); choose a smaller "
+                                      "map_size (the engine grows the map as needed)") from None
                 except lmdb.Error as exc:
                     raise self._translate(exc, "opening the snapshot", opening=True) from None
                 _shared[key] = sh
@@ -198,7 +269,11 @@ class Snapshot:
         self._bind(sh)
         sh.users.add(self)
         if create:
-            fsync_dir(path)  # LMDB does not fsync its directory
+            try:
+                fsync_dir(path)  # LMDB does not fsync its directory
+            except BaseException:
+                self.close()  # else the environment stays open in this process
+                raise
 
     def _bind(self, sh: _SharedEnv) -> None:
         """Points this open at the shared environment's current handles."""

@@ -312,7 +312,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         findings = repair.apply(args.dir, accept_data_loss=args.accept_data_loss)
     else:
         findings = repair.diagnose(args.dir)
-    remaining = [f for f in findings if not f.applied and f.kind != "old_damage"]
+    remaining = [f for f in findings if not f.applied and f.kind not in repair.HARMLESS]
     if args.json:
         _print_json({"dir": os.path.abspath(args.dir), "applied": args.apply,
                      "findings": [f.as_dict() for f in findings], "ok": not remaining})
@@ -327,6 +327,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
             elif f.action:
                 need = " (needs --accept-data-loss)" if f.data_loss else ""
                 print(f"  would: {f.action}{need}")
+            elif f.kind == "interrupted_creation":
+                print(f"  would: {f.result}")
             else:
                 print("  would: nothing (repair cannot fix this: restore from a backup)"
                       if f.kind not in ("old_damage", "locked") else "  would: nothing")

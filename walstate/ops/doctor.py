@@ -9,10 +9,11 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from .._opening import unmarked_state
 from ..archive import read_status
 from ..config import Config
 from ..errors import WalStateError
-from ..layout import Layout, lock_is_held, read_lock_holder, read_marker
+from ..layout import MARKER, Layout, lock_is_held, read_lock_holder, read_marker
 from .repair import broken_files
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
@@ -68,9 +69,19 @@ def _check_path(lay: Layout) -> Check:
         except WalStateError as exc:
             return Check("path", "FAIL", str(exc))
         if marker is None:
-            if os.listdir(lay.root):
+            state = unmarked_state(lay)
+            if state == "interrupted":
+                return Check("path", "WARN", f"{lay.root}: an earlier creation was cut short "
+                             f"(no {MARKER}; left: {', '.join(sorted(os.listdir(lay.root)))}), "
+                             "nothing was stored in it: the next open clears it and creates "
+                             "the database again")
+            if state == "data":
+                return Check("path", "FAIL", f"{lay.root} holds walstate data but its creation "
+                             f"marker {lay.marker} is missing: open refuses it (restore from a "
+                             "backup, or put the marker back)")
+            if state == "other":
                 return Check("path", "WARN", f"{lay.root} exists, is not empty and is not a "
-                             "walstate directory")
+                             "walstate directory (open creates a database beside its files)")
             return Check("path", "OK", f"{lay.root} exists (empty: open creates a database)")
         return Check("path", "OK", f"{lay.root} is a walstate directory (system_id "
                      f"{marker['system_id']})")

@@ -19,6 +19,10 @@ stale_snapshot     nothing: the WAL does not reach back to     --
 snapshot_damaged   nothing: restore from a backup              --
 old_damage         nothing: damage below the checkpoint,       --
                    which recovery never reads
+interrupted_       nothing: no marker and nothing stored; the  none
+creation           next open clears it and creates again
+marker_missing     nothing: no marker but WAL records or       --
+                   snapshot data; open refuses it
 =================  ==========================================  ===============
 
 Cutting is ``walstate.wal.cut`` (csrc/wal_repair.c): the cut bytes and the
@@ -31,6 +35,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from .._native import lib, strerror
+from .._opening import unmarked_state
 from ..errors import CorruptionError, WalStateError
 from ..layout import DirLock, Layout, lock_is_held, read_lock_holder, read_marker
 from ..snapshot import Snapshot
@@ -114,6 +119,16 @@ def diagnose(path: str, check_lock: bool = True) -> list[Finding]:
         raise FileNotFoundError(2, "no such directory", lay.root)
     marker = read_marker(lay)
     if marker is None:
+        state = unmarked_state(lay)
+        if state == "interrupted":
+            return [Finding("interrupted_creation", f"an earlier creation of {lay.root} was "
+                            f"cut short (no {lay.marker}, nothing stored yet)", "", False,
+                            lay.root, result="nothing to do: the next open clears it and "
+                            "creates the database again")]
+        if state == "data":
+            return [Finding("marker_missing", f"{lay.root} holds walstate data but its "
+                            f"creation marker {lay.marker} is missing: open refuses it", "",
+                            True, lay.marker)]
         raise CorruptionError(f"{lay.root} is not a walstate directory (no {lay.marker})",
                               path=lay.marker)
     system_id = int(marker["system_id"])
@@ -160,9 +175,13 @@ def apply(path: str, accept_data_loss: bool = False) -> list[Finding]:
     try:
         findings = diagnose(path, check_lock=False)  # we hold it
         for f in findings:
+            if f.kind in HARMLESS:
+                f.result = f.result or "nothing to do"
+                continue
             if not f.fixable:
                 f.result = "not fixed: " + ("restore from a backup" if f.kind in (
-                    "stale_snapshot", "snapshot_damaged", "unreadable") else "nothing to do")
+                    "stale_snapshot", "snapshot_damaged", "unreadable",
+                    "marker_missing") else "nothing to do")
                 continue
             if f.data_loss and not accept_data_loss:
                 f.result = "not fixed: drops acknowledged data; give --accept-data-loss"
@@ -173,6 +192,10 @@ def apply(path: str, accept_data_loss: bool = False) -> list[Finding]:
     finally:
         lock.release()
     return findings
+
+
+# findings that need no repair (the CLI exits 0 on them)
+HARMLESS = ("old_damage", "interrupted_creation")
 
 
 def broken_files(path: str) -> list[str]:

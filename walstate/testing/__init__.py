@@ -516,8 +516,9 @@ class _Campaign:
         if start is not None:
             start_dir = os.path.join(self.work, "start0")
             shutil.copytree(start, start_dir, ignore=not_files)
-            with _open(start_dir, {"read_only": True}) as db:
-                base = _items(db)
+            if os.path.exists(Layout(start_dir).marker):  # else: an empty directory
+                with _open(start_dir, {"read_only": True}) as db:
+                    base = _items(db)
         for run in range(self.runs):
             nxt = self.one_run(run, start_dir, base)
             if self.chain and nxt is not None:
@@ -622,7 +623,9 @@ class _Campaign:
             if base:
                 self.fail(run, st, "oracle", "a directory that held data lost its marker")
                 return None
-            return {}
+            if not os.path.isdir(path):
+                return {}
+            # what a cut-short creation left: the next open must redo it (below)
         opts = {k: v for k, v in self.options.items() if k != "sync"}
         try:
             db = _open(path, opts)
@@ -721,8 +724,9 @@ def crash_check(workload: Workload, runs: int = 200, *, seed: int | None = None,
     (default ``sync="always"``, small segments so that rotation and
     checkpoints happen). ``states_per_run`` crash points are taken from each
     trace, each rebuilt in every one of ``flavors``. ``start``: a closed
-    walstate directory to copy as the first run's starting point (default:
-    none, so the first run also crashes while creating the directory). ``workdir`` (default: a
+    walstate directory (or an empty directory) to copy as the first run's
+    starting point (default: none, so the first run also crashes while
+    creating the directory). ``workdir`` (default: a
     temporary directory, removed afterwards unless a failure was kept) is
     where the traced directories live: put it on the disk you care about.
     ``check``: ``check(db)`` on every recovered crash state (your invariants).
