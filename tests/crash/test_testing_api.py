@@ -115,7 +115,7 @@ def test_crash_check_runs_the_users_check_with_workload_arguments(tmp_path, capf
 
 def test_crash_check_finds_a_two_puts_transfer_through_the_check(tmp_path):
     check, _checked = conserved()
-    res = wt.crash_check(transfer_workload, runs=1, seed=5, states_per_run=12,
+    res = wt.crash_check(transfer_workload, runs=1, seed=5, states_per_run=40,
                          workdir=str(tmp_path), args=(8,), kwargs={"atomic": False},
                          check=check, recovery_kill_every=0, keep_failures=False)
     assert not res.ok
