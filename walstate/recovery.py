@@ -101,14 +101,15 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     nbytes -= codec.REC_HEADER * ignored + ignored_bytes
 
     truncated = 0
+    why = end.describe()  # before a cut changes what it describes
     if end.status == "error":
         if end.rc == lib.WAL_EGAP:
             raise MismatchError(
                 f"the snapshot holds writes up to LSN {snapshot_lsn} but the WAL in {wal_dir} "
                 f"starts above LSN {snapshot_lsn + 1}: the WAL does not belong to this "
                 "snapshot, or segments are missing")
-        if end.rc == lib.WAL_ECORRUPT and mode == "point_in_time":
-            truncated = _cut(wal_dir, end, read_only, "corruption")
+        if end.rc in (lib.WAL_ECORRUPT, lib.WAL_ESHORT) and mode == "point_in_time":
+            truncated = _cut(wal_dir, end, read_only, why)
         else:
             end.raise_error("recovering the write-ahead log")
     elif end.status == "torn":
@@ -128,7 +129,8 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
               "wal_bytes_read": end.bytes_read, "end_hint": end.end_hint,
               "clean_shutdown": last_type == codec.SHUTDOWN and not truncated,
               "stopped_at": None if end.status == "clean" else
-              {"path": end.path, "offset": end.offset, "lsn": end.expected_lsn}}
+              {"path": end.cut_path, "offset": end.offset, "lsn": end.expected_lsn,
+               "why": why}}
     log.info("recovery: replayed %d records (%d bytes) up to LSN %d in %.3f s; cut %d bytes",
              records, nbytes, last, seconds, truncated)
     return Recovered(table, last, report, end)
@@ -137,10 +139,10 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
 def _cut(wal_dir: str, end: LogEnd, read_only: bool, what: str) -> int:
     if read_only:
         log.warning("recovery (read-only): would cut %s in %s at offset %d (%d bytes)", what,
-                    end.path, end.offset, end.cut_bytes)
+                    end.cut_path, end.offset, end.cut_bytes)
         return end.cut_bytes
     n = cut(wal_dir, end.segment, end.offset)
     _hooks.hit("recovery_after_cut")
     log.warning("recovery: cut %s in %s at offset %d: %d bytes kept in .broken file(s)", what,
-                end.path, end.offset, n)
+                end.cut_path, end.offset, n)
     return n
