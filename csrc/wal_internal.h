@@ -158,6 +158,7 @@ struct wal {
     pthread_cond_t cv;
     char dir[WAL_PATH_MAX];
     uint64_t system_id, segment_size;
+    uint64_t covered_lsn; /* the snapshot holds every record up to it (wal_options_t) */
     int fd;              /* current segment */
     seg_header_t hdr;    /* of the current segment */
     uint64_t seg_alloc;  /* its size on disk (preallocated) */

@@ -34,7 +34,7 @@ from .layout import (
     Layout,
     read_marker,
 )
-from .recovery import replay
+from .recovery import replay, replay_read_only
 from .snapshot import Snapshot, _keep_forever
 from .wal import Wal, list_segments
 
@@ -225,8 +225,13 @@ class Engine:
         snap_lsn = int(meta["lsn"])
         if not os.path.isdir(lay.wal):
             raise CorruptionError(f"the WAL directory {lay.wal} is missing", path=lay.wal)
-        rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
-                     mode=cfg.recovery, read_only=ro)
+        if ro:  # beside a writer that may checkpoint meanwhile (one view, kept)
+            meta, rec = replay_read_only(lay.wal, self._snapshot, system_id=self.system_id,
+                                         mode=cfg.recovery)
+            snap_lsn = int(meta["lsn"])
+        else:
+            rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
+                         mode=cfg.recovery, read_only=ro)
         _hooks.hit("recovery_after_replay")
         self._recovery = rec.report
         self._active = rec.table

@@ -181,7 +181,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _end_text(end: Any) -> str:
-    from .._native import strerror
+    from .._native import lib, strerror
 
     if end.status == "clean":
         return f"clean end after LSN {end.last_lsn}"
@@ -190,6 +190,8 @@ def _end_text(end: Any) -> str:
                 f"LSN {end.last_lsn}; recovery cuts it)")
     if end.missing_segment:
         return f"the newest segment {end.path} is missing (wal/LAST says it was created)"
+    if end.bad_last or end.rc == lib.WAL_ESHORT:
+        return end.describe()
     return (f"{strerror(end.rc)}: {end.path or '(no segment)'} at offset {end.offset}, "
             f"expected LSN {end.expected_lsn}")
 
