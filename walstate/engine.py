@@ -564,6 +564,11 @@ class Engine:
         if self._wal is not None:
             st = self._wal.stats()
             out["durable_lsn"] = st["durable_lsn"]
+            if st["poisoned"] and out["failed"] is None:  # failed where no call saw it
+                from ._native import strerror
+
+                out["failed"] = (f"the write-ahead log failed: {strerror(st['poisoned'])}; "  # type: ignore[arg-type]
+                                 "writes are refused until the directory is reopened")
             out["fsync_latency"] = fsync_latency(st["fsync_hist"], st["fsync_ns_max"])  # type: ignore[arg-type]
         else:
             out["fsync_latency"] = fsync_latency([], 0)
