@@ -179,6 +179,7 @@ class Engine:
     def _open(self) -> None:
         cfg, lay = self.config, self._layout
         ro = cfg.read_only
+        _opening.check_map_size(cfg.map_size)
         self._dirlock = _opening.lock_directory(lay, read_only=ro)
         marker = read_marker(lay)
         fresh = marker is None

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 import lmdb
 
 from .errors import (
+    ConfigError,
     CorruptionError,
     DiskFullError,
     EngineFailedError,
@@ -188,6 +189,15 @@ class Snapshot:
             if sh is None:
                 try:
                     env = _open_env(path, map_size, read_only, create)
+                except (lmdb.MemoryError, lmdb.InvalidParameterError) as exc:
+                    # mmap's ENOMEM/EINVAL: the map does not fit this machine's
+                    # address space (or limits); nothing is wrong with the files
+                    raise ConfigError("map_size", f"{map_size} bytes: the snapshot {path} "
+                                      f"cannot be mapped that large on this machine ({exc}); "
+                                      "choose a smaller map_size") from None
+                except lmdb.Error as exc:
+                    raise self._translate(exc, "opening the snapshot", opening=True) from None
+                try:
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
                 except lmdb.Error as exc:
