@@ -450,8 +450,8 @@ class Engine:
         """(key, value) in key order with start <= key < stop, over all committed
         writes at the time of the call (later writes may or may not show)."""
         self._check_open()
-        start = None if start is None else codec.as_key(start)
-        stop = None if stop is None else codec.as_key(stop)
+        start = codec.as_bound(start, "start") or None  # b"": from the first key
+        stop = codec.as_bound(stop, "stop")
         with self._locked():
             tables = (*reversed(self._frozen), self._active)
             if start is None and stop is None and len(tables) == 1:

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import lmdb
 
+from .codec import MAX_KEY
 from .errors import (
     ConfigError,
     CorruptionError,
@@ -362,8 +363,14 @@ class Snapshot:
                         ok = cur.set_range(after)
                         if ok and cur.key() == after:
                             ok = cur.next()
+                    elif start:
+                        # a bound may be longer than any key (LMDB seeks to keys
+                        # only): seek to its prefix, skip what sorts before it
+                        ok = cur.set_range(start[:MAX_KEY])
+                        while ok and cur.key() < start:
+                            ok = cur.next()
                     else:
-                        ok = cur.set_range(start) if start is not None else cur.first()
+                        ok = cur.first()
                     rows = []
                     while ok and len(rows) < n:
                         k = cur.key()
