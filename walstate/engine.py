@@ -207,6 +207,7 @@ class Engine:
     def _open(self) -> None:
         cfg, lay = self.config, self._layout
         ro = cfg.read_only
+        _opening.check_map_size(cfg.map_size)
         self._dirlock = _opening.lock_directory(lay, read_only=ro)
         marker = read_marker(lay)
         fresh = marker is None
@@ -530,8 +531,8 @@ class Engine:
         """(key, value) in key order with start <= key < stop, over all committed
         writes at the time of the call (later writes may or may not show)."""
         self._check_open()
-        start = None if start is None else codec.as_key(start)
-        stop = None if stop is None else codec.as_key(stop)
+        start = codec.as_bound(start, "start") or None  # b"": from the first key
+        stop = codec.as_bound(stop, "stop")
         with self._locked():
             self._check_open()  # (a close() meanwhile replaced the tables)
             tables = (*reversed(self._frozen), self._active)
@@ -665,6 +666,11 @@ class Engine:
         if self._wal is not None:
             st = self._wal.stats()
             out["durable_lsn"] = st["durable_lsn"]
+            if st["poisoned"] and out["failed"] is None:  # failed where no call saw it
+                from ._native import strerror
+
+                out["failed"] = (f"the write-ahead log failed: {strerror(st['poisoned'])}; "  # type: ignore[arg-type]
+                                 "writes are refused until the directory is reopened")
             out["fsync_latency"] = fsync_latency(st["fsync_hist"], st["fsync_ns_max"])  # type: ignore[arg-type]
         else:
             out["fsync_latency"] = fsync_latency([], 0)

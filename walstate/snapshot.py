@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import lmdb
 
+from .codec import MAX_KEY
 from .errors import (
     ConfigError,
     CorruptionError,
@@ -258,6 +259,15 @@ class Snapshot:
                     _allocate_lock_file(path)
                 try:
                     env = _open_env(path, map_size, read_only, create)
+                except (lmdb.MemoryError, lmdb.InvalidParameterError) as exc:
+                    # mmap's ENOMEM/EINVAL: the map does not fit this machine's
+                    # address space (or limits); nothing is wrong with the files
+                    raise ConfigError("map_size", f"{map_size} bytes: the snapshot {path} "
+                                      f"cannot be mapped that large on this machine ({exc}); "
+                                      "choose a smaller map_size") from None
+                except lmdb.Error as exc:
+                    raise self._translate(exc, "opening the snapshot", opening=True) from None
+                try:
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
                 except lmdb.MemoryError as exc:
@@ -528,8 +538,14 @@ class Snapshot:
                         ok = cur.set_range(after)
                         if ok and cur.key() == after:
                             ok = cur.next()
+                    elif start:
+                        # a bound may be longer than any key (LMDB seeks to keys
+                        # only): seek to its prefix, skip what sorts before it
+                        ok = cur.set_range(start[:MAX_KEY])
+                        while ok and cur.key() < start:
+                            ok = cur.next()
                     else:
-                        ok = cur.set_range(start) if start is not None else cur.first()
+                        ok = cur.first()
                     rows = []
                     while ok and len(rows) < n:
                         k = cur.key()

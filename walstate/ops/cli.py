@@ -53,6 +53,49 @@ def _require_dir(path: str) -> Layout:
     return lay
 
 
+def _require_database(path: str) -> Layout:
+    """The layout of an existing walstate directory: maintenance commands never
+    create a database (nor finish a creation that was cut short)."""
+    lay = _require_dir(path)
+    if read_marker(lay) is None:
+        raise FileNotFoundError(2, f"not a walstate directory (no {os.path.basename(lay.marker)} "
+                                "marker); this command never creates a database", lay.root)
+    return lay
+
+
+# ---- argument types (a bad value is a usage error: exit 2) --------------------
+U64_MAX = (1 << 64) - 1
+RECORD_TYPES = ("PUT", "DELETE", "BATCH", "SESSION", "SHUTDOWN")
+
+
+def _lsn(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an LSN (an integer): {text!r}") from None
+    if not 0 <= n <= U64_MAX:
+        raise argparse.ArgumentTypeError(f"an LSN is 0..{U64_MAX}, not {text}")
+    return n
+
+
+def _record_type(text: str) -> str:
+    name = text.upper()
+    if name not in RECORD_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown record type {text!r} (the types: "
+                                         f"{', '.join(RECORD_TYPES)})")
+    return name
+
+
+def _byte_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (an integer): {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size in bytes must be > 0, not {text}")
+    return n
+
+
 # ---- info -------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     import walstate
@@ -138,7 +181,7 @@ def _key_text(k: bytes) -> str:
 def cmd_dump(args: argparse.Namespace) -> int:
     lay = _require_dir(args.dir)
     marker = read_marker(lay) or {}
-    types = {t.upper() for t in args.type} if args.type else None
+    types = set(args.type) if args.type else None
     prefix = args.key_prefix.encode() if args.key_prefix is not None else None
     with WalReader(lay.wal, int(marker.get("system_id", 0)), args.from_lsn) as r:
         for rec in r:
@@ -199,6 +242,7 @@ def _end_text(end: Any) -> str:
 # ---- verify -----------------------------------------------------------------
 def verify(path: str, progress: Progress | None = None) -> list[str]:
     """Every problem found in the directory at ``path`` (empty: clean)."""
+    from .._opening import check_marker
     from ..errors import CorruptionError, MismatchError
     from ..snapshot import Snapshot
 
@@ -210,6 +254,10 @@ def verify(path: str, progress: Progress | None = None) -> list[str]:
         return [str(exc)]
     if marker is None:
         return [f"{lay.marker}: creation marker missing (not a walstate directory?)"]
+    try:
+        check_marker(lay, marker)
+    except MismatchError as exc:
+        return [str(exc)]
     system_id = int(marker["system_id"])
     snap_lsn = None
     try:
@@ -245,6 +293,13 @@ def verify(path: str, progress: Progress | None = None) -> list[str]:
         if snap_lsn is not None and segs[0][0] > snap_lsn + 1:
             problems.append(f"WAL: starts at LSN {segs[0][0]} but the snapshot holds writes "
                             f"only up to LSN {snap_lsn} (gap)")
+    if not problems:  # what the files say, open must agree with (read-only: changes nothing)
+        import walstate
+
+        try:
+            walstate.open(lay.root, read_only=True).close()
+        except (WalStateError, OSError) as exc:
+            problems.append(f"open refuses the directory: {exc}")
     return problems
 
 
@@ -264,7 +319,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     import walstate
 
-    lay = _require_dir(args.dir)
+    lay = _require_database(args.dir)
     info = None
     if not lock_is_held(lay):
         try:
@@ -514,10 +569,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dump", help="one line per WAL record")
     s.add_argument("dir")
-    s.add_argument("--from-lsn", type=int, default=0)
-    s.add_argument("--to-lsn", type=int, default=None)
+    s.add_argument("--from-lsn", type=_lsn, default=0)
+    s.add_argument("--to-lsn", type=_lsn, default=None)
     s.add_argument("--key-prefix", default=None)
-    s.add_argument("--type", action="append", help="PUT, DELETE, BATCH (repeatable)")
+    s.add_argument("--type", action="append", type=_record_type,
+                   help="PUT, DELETE, BATCH, SESSION, SHUTDOWN (repeatable)")
     s.add_argument("--json", action="store_true", help="JSON lines")
     s.set_defaults(func=cmd_dump)
 
@@ -549,9 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="pre-flight checks: path, permissions, space, "
                        "filesystem, lock, LMDB map, .broken files, WAL, archive")
     s.add_argument("dir")
-    s.add_argument("--max-wal-size", type=int, default=None, help="bytes (default: the "
-                   "engine's default)")
-    s.add_argument("--map-size", type=int, default=None, help="bytes")
+    s.add_argument("--max-wal-size", type=_byte_size, default=None, help="bytes (default: "
+                   "the engine's default)")
+    s.add_argument("--map-size", type=_byte_size, default=None, help="bytes")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
 
@@ -579,7 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeline", type=int, default=None, help="the history to restore "
                    "(default: the newest; see `walstate archive ls`)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--to-lsn", type=int, default=None, help="stop after this LSN exactly")
+    g.add_argument("--to-lsn", type=_lsn, default=None, help="stop after this LSN exactly")
     g.add_argument("--to-time", default=None, help="epoch seconds or ISO 8601: every write "
                    "acknowledged at or before T - archive_interval, none acknowledged after T")
     s.add_argument("--json", action="store_true")
@@ -636,8 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own options (and --help)
         from .. import demo
 
@@ -647,12 +702,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return crashtest_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad usage: a message and exit 2
+    import lmdb
+
     try:
         return int(args.func(args) or 0)
-    except (WalStateError, OSError, ValueError) as exc:
-        print(f"walstate {args.command}: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        raise
+    except (WalStateError, OSError, ValueError, lmdb.Error) as exc:
+        # a failure the command reports: one line, exit 1 (no traceback)
+        print(f"walstate {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, (WalStateError, OSError)):
+        text = f"{type(exc).__name__}: {text}"  # e.g. lmdb.DiskError: what LMDB said
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Exit codes: 0 success, 1 a failure the command reports,
+    2 bad usage; 141 (as SIGPIPE) when stdout is closed early (``| head``),
+    quietly; 130 on Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = _run(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # the reader went away: stop quietly, as Unix tools do; stdout goes to
+        # /dev/null so that the interpreter's last flush does not complain again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        return 128 + 13
     except KeyboardInterrupt:
         return 130
 
