@@ -16,7 +16,8 @@ PUBLIC = {
                         "EngineFailedError", "InvalidTransitionError", "LockedError",
                         "MismatchError", "ReadOnlyError", "WalStateError"],
     "walstate.config": ["RECOVERY_MODES", "SYNC_MODES", "Config"],
-    "walstate.tasks": ["InvalidTransitionError", "Status", "TaskState", "TaskStore"],
+    "walstate.tasks": ["InvalidTransitionError", "RunningTask", "Status", "TaskState", "TaskStore",
+                       "TasksFailedError"],
     "walstate.testing": ["CrashCheckResult", "Failure", "RecordingEngine", "check_recovered",
                          "crash_check", "crashtest_main", "expected_states", "mixed_workload"],
 }
