@@ -13,8 +13,9 @@ worker never waits for the parent's fsync. The parent's loop:
    the pickled result as payload, or FAILED with the error's text).
 
 A worker that dies (killed, or ``fn`` crashed it) leaves its chunks RUNNING:
-they are started again, one item per chunk, in a new worker; an item that
-kills its worker alone fails ("worker process died"). If the parent dies,
+the one it was running is started again one item per chunk, the ones it had
+not begun as they were, in a new worker; an item that kills its worker alone
+fails ("worker process died"). If the parent dies,
 its workers die with it (PR_SET_PDEATHSIG; else at their next message) and
 the items left RUNNING belong to a dead owner: ``recover()`` -- which the
 next ``map`` calls first -- gives them back.
@@ -390,12 +391,16 @@ def _run_pool(m: _Map, todo: list[int], fn_blob: bytes, processes: int,
                 w.outstanding.clear()
                 w.conn.close()
                 died = []
-                for chunk in lost:
-                    if len(chunk) > 1:
-                        queue.extend([i] for i in chunk)
+                if lost:
+                    # A worker runs its chunks in the order sent: it died in the first
+                    # one; the others never began (they go again as they are).
+                    running, unstarted = lost[0], lost[1:]
+                    queue.extendleft(reversed(unstarted))
+                    if len(running) > 1:
+                        queue.extendleft([i] for i in reversed(running))
                     else:
-                        died.append((chunk[0], False, f"worker process died (exit code {code}) "
-                                     f"while running this item"))
+                        died.append((running[0], False, f"worker process died (exit code "
+                                     f"{code}) while running this item"))
                 if died:
                     queue.extend([i] for i in m.finish(died))
                 workers[k] = _Worker(ctx, fn_blob) if queue or chunks else w

@@ -37,9 +37,11 @@ and a pool of worker processes whose results are recorded as they come in::
 Ownership: a RUNNING task records its owner (the TaskStore that started it:
 host, process id, process start time, boot id) and the owner keeps a
 heartbeat. ``recover()`` may run at any time: it returns to PENDING only the
-tasks whose owner is gone (its process exited, or its engine was closed),
-and with ``stale_after=seconds`` also those whose heartbeat (the later of the
-task's last transition and its owner's ``heartbeat()``) is older than that.
+tasks whose owner is gone -- its process exited, or its engine was closed
+(only one process at a time holds the directory for writing, so an owner in
+another process can never record the task's end) -- and with
+``stale_after=seconds`` also those whose heartbeat (the later of the task's
+last transition and its owner's ``heartbeat()``) is older than that.
 
 Counts: ``counts()`` reads one counter per status, kept in the same atomic
 record as every transition that changes a status, so after any crash the
@@ -337,6 +339,8 @@ def process_start(pid: int) -> int | None:
     return int(fields[19])
 
 
+_MY_START = process_start(os.getpid())
+
 # Tokens of the TaskStores of this process (an owner in this process is alive while
 # its store exists and its engine is open).
 _LIVE: weakref.WeakValueDictionary[bytes, TaskStore] = weakref.WeakValueDictionary()
@@ -522,12 +526,17 @@ class TaskStore:
 
     def owner_info(self, token: str | bytes) -> dict[str, Any] | None:
         """What the store knows of an owner (``TaskState.owner``): host, pid,
-        start, boot, heartbeat and ``alive`` (now); None if unknown."""
+        start, boot, heartbeat; ``alive`` (it can still record transitions: a
+        live TaskStore of this process on an open engine) and
+        ``process_alive`` (its process still runs); None if unknown."""
         raw_token = bytes.fromhex(token) if isinstance(token, str) else bytes(token)
         info = self._owner_record(raw_token)
         if info is None:
             return None
-        return {**info, "alive": self._owner_alive(raw_token, info)}
+        pid = info.get("pid")
+        same = info.get("host") == _HOST and info.get("boot") == _BOOT
+        proc = same and isinstance(pid, int) and process_start(pid) == info.get("start")
+        return {**info, "alive": self._owner_alive(raw_token, info), "process_alive": proc}
 
     def _owner_record(self, token: bytes) -> dict[str, Any] | None:
         raw = self._db.get(_OWNERS + token)
@@ -540,17 +549,17 @@ class TaskStore:
         return info if isinstance(info, dict) else None
 
     def _owner_alive(self, token: bytes, info: dict[str, Any] | None) -> bool:
+        """Whether the owner can still record transitions of its tasks: only a
+        TaskStore of this process whose engine is open can -- this process
+        holds the directory's write lock, so no other process can write here
+        (whether or not it still runs: its engine was closed or it died)."""
         if token == self._token:
             return not getattr(self._db, "_closed", False)
-        if info is None or info.get("host") != _HOST or info.get("boot") != _BOOT:
-            # Not a process of this machine's current boot: it cannot be writing
-            # here, since this process holds the directory's write lock.
+        if info is None or info.get("pid") != os.getpid() or info.get("host") != _HOST \
+                or info.get("boot") != _BOOT or info.get("start") != _MY_START:
             return False
-        pid = info.get("pid")
-        if pid == os.getpid():
-            store = _LIVE.get(token)
-            return store is not None and not getattr(store._db, "_closed", False)
-        return isinstance(pid, int) and process_start(pid) == info.get("start")
+        store = _LIVE.get(token)
+        return store is not None and not getattr(store._db, "_closed", False)
 
     # -- writing ---------------------------------------------------------
 
