@@ -145,6 +145,13 @@ class TaskState:
 
 
 _TaskList = list[TaskState]  # an alias: inside TaskStore, ``list`` is the method
+
+
+class _Default(bytes):
+    """The default payload of ``create``: b"" in a bytes store, None with a codec."""
+
+
+_NO_PAYLOAD: Any = _Default()
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -429,6 +436,8 @@ class TaskStore:
 
     def _encode_payload(self, payload: Any) -> tuple[bytes, int]:
         cid = self._codec_id
+        if payload is _NO_PAYLOAD:
+            payload = b"" if cid == 0 else None
         if cid == 0:
             return _payload_bytes(payload), 0
         if cid == 1:
@@ -440,9 +449,6 @@ class TaskStore:
             return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL), 2
         except Exception as e:  # noqa: BLE001 - any pickling failure is a bad payload
             raise TypeError(f"payload cannot be pickled: {e}") from None
-
-    def _default_payload(self) -> tuple[bytes, int]:
-        return (b"", 0) if self._codec_id == 0 else self._encode_payload(None)
 
     def _state(self, task_id: str, rec: _Rec) -> TaskState:
         payload: Any = rec.payload
@@ -581,17 +587,19 @@ class TaskStore:
         after releasing it (None: already durable per the engine's sync)."""
         db = self._db
         if any(delta.values()):
-            if db.get(_COUNTS_KEPT) is None:
+            if db.get(_COUNTS_KEPT) is None:  # the first counted transition: all four
                 counts = self._scan_counts()
                 ops.append((_COUNTS_KEPT, b""))
+                delta = {code: delta.get(code, 0) for code in _STATUS}
+                changed = list(_STATUS)
             else:
-                counts = {code: self._count(code) for code, d in delta.items() if d}
-            for code, d in delta.items():
-                if d:
-                    n = counts[code] + d
-                    if n < 0:  # a bug, never a user error: refuse to store it
-                        raise AssertionError(f"task count of {_STATUS[code].name} below 0")
-                    ops.append((_CNT[code], _COUNT.pack(n)))
+                changed = [code for code, d in delta.items() if d]
+                counts = {code: self._count(code) for code in changed}
+            for code in changed:
+                n = counts[code] + delta[code]
+                if n < 0:  # a bug, never a user error: refuse to store it
+                    raise AssertionError(f"task count of {_STATUS[code].name} below 0")
+                ops.append((_CNT[code], _COUNT.pack(n)))
         try:
             if self._split:
                 lsn = db._commit_batch(ops, wait=False)  # noqa: SLF001
@@ -640,8 +648,9 @@ class TaskStore:
 
     # -- transitions -----------------------------------------------------
 
-    def create(self, task_id: str, payload: Any = b"") -> TaskState:
-        """Create a PENDING task with ``attempts`` 0.
+    def create(self, task_id: str, payload: Any = _NO_PAYLOAD) -> TaskState:
+        """Create a PENDING task with ``attempts`` 0; the payload defaults to b""
+        (None in a store with a codec).
 
         Raises InvalidTransitionError if a task with this id exists (in any status).
         """
@@ -656,7 +665,7 @@ class TaskStore:
         self._wait(lsn)
         return self._state(task_id, new)
 
-    def create_many(self, ids: Iterable[str], payload: Any = b"") -> _TaskList:
+    def create_many(self, ids: Iterable[str], payload: Any = _NO_PAYLOAD) -> _TaskList:
         """Create a PENDING task for each id that does not exist yet, all in one
         atomic record; ids that exist (or repeat) are left alone. Returns the
         created tasks, in the order given."""
