@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from .tasks import (
+    _COUNTS_KEPT,
     _FAILED,
     _IDX,
     _NO_OWNER,
@@ -45,6 +46,7 @@ from .tasks import (
     _RUNNING,
     _SUCCESS,
     FORMAT_VERSION,
+    MAX_ID_BYTES,
     RECORD_HEADER,
     InvalidTransitionError,
     TasksFailedError,
@@ -129,6 +131,7 @@ class _Map:
         self.items = items
         self.ids = ids
         self.raw_ids = raw_ids
+        self.rec_keys = [_RECORDS + raw for raw in raw_ids]
         self.retries = retries
         # per item: (code, attempts, payload, codec, error) as recorded
         self.recs: list[Any] = [None] * len(items)
@@ -151,65 +154,83 @@ class _Map:
         now = time.time()
         token = self.store._token  # noqa: SLF001
         ops: list[tuple[bytes, bytes | None]] = []
+        add = ops.append
         delta: dict[int, int] = {_RUNNING: 0}
         run_idx = _IDX[_RUNNING]
+        recs, rec_keys, raw_ids = self.recs, self.rec_keys, self.raw_ids
+        # the record of a fresh item's first start is the same bytes for all
+        first = _PACK(FORMAT_VERSION, _RUNNING, 0, 1, now, 0, token)
         new = []
+        fresh = 0
         for i in indices:
-            code, attempts, payload, cid, _ = self.recs[i]
-            raw = self.raw_ids[i]
+            code, attempts, payload, cid, _ = recs[i]
+            if code == 0:  # no record yet: created and started in one
+                add((run_idx + raw_ids[i], b""))
+                add((rec_keys[i], first))
+                fresh += 1
+                new.append((_RUNNING, 1, b"", 0, None))
+                continue
             if code != _RUNNING:
-                if code:  # 0: no record yet -- created and started in one
-                    ops.append((_IDX[code] + raw, None))
-                    delta[code] = delta.get(code, 0) - 1
-                ops.append((run_idx + raw, b""))
+                add((_IDX[code] + raw_ids[i], None))
+                add((run_idx + raw_ids[i], b""))
+                delta[code] = delta.get(code, 0) - 1
                 delta[_RUNNING] += 1
             attempts += 1
-            ops.append((_RECORDS + raw, _PACK(FORMAT_VERSION, _RUNNING, cid << 1, attempts, now,
-                                              len(payload), token) + payload))
+            add((rec_keys[i], _PACK(FORMAT_VERSION, _RUNNING, cid << 1, attempts, now,
+                                    len(payload), token) + payload))
             new.append((_RUNNING, attempts, payload, cid, None))
+        delta[_RUNNING] += fresh
         self._commit(ops, delta, owner=True, now=now)
+        tries = self.tries
         for i, rec in zip(indices, new, strict=True):
-            self.recs[i] = rec
-            self.tries[i] += 1
+            recs[i] = rec
+            tries[i] += 1
 
     def finish(self, done: list[tuple[int, bool, Any]]) -> list[int]:
         """Records results: (index, ok, pickled result or error text). Returns the
         items to run again (failed, with retries left)."""
         now = time.time()
         ops: list[tuple[bytes, bytes | None]] = []
-        delta = {_RUNNING: 0, _SUCCESS: 0, _FAILED: 0}
+        add = ops.append
         succ_idx, fail_idx, run_idx = _IDX[_SUCCESS], _IDX[_FAILED], _IDX[_RUNNING]
+        recs, rec_keys, raw_ids = self.recs, self.rec_keys, self.raw_ids
+        headers: dict[tuple[int, int], bytes] = {}  # (attempts, result size) -> header
         new = []
+        n_ok = n_failed = 0
         for i, ok, value in done:
-            _, attempts, payload, cid, _ = self.recs[i]
-            raw = self.raw_ids[i]
-            ops.append((run_idx + raw, None))
-            delta[_RUNNING] -= 1
+            attempts = recs[i][1]
+            raw = raw_ids[i]
+            add((run_idx + raw, None))
             if ok:
-                ops.append((succ_idx + raw, b""))
-                delta[_SUCCESS] += 1
-                ops.append((_RECORDS + raw, _PACK(FORMAT_VERSION, _SUCCESS, _PICKLE, attempts,
-                                                  now, len(value), _NO_OWNER) + value))
+                add((succ_idx + raw, b""))
+                header = headers.get((attempts, len(value)))
+                if header is None:
+                    header = headers[attempts, len(value)] = _PACK(
+                        FORMAT_VERSION, _SUCCESS, _PICKLE, attempts, now, len(value), _NO_OWNER)
+                add((rec_keys[i], header + value))
                 new.append((_SUCCESS, attempts, value, 2, None))
+                n_ok += 1
             else:
-                ops.append((fail_idx + raw, b""))
-                delta[_FAILED] += 1
+                _, _, payload, cid, _ = recs[i]
+                add((fail_idx + raw, b""))
                 err = value.encode("utf-8", "surrogatepass")
-                ops.append((_RECORDS + raw, _PACK(FORMAT_VERSION, _FAILED, (cid << 1) | _HAS_ERROR,
-                                                  attempts, now, len(payload), _NO_OWNER)
-                            + payload + err))
+                add((rec_keys[i], _PACK(FORMAT_VERSION, _FAILED, (cid << 1) | _HAS_ERROR,
+                                        attempts, now, len(payload), _NO_OWNER) + payload + err))
                 new.append((_FAILED, attempts, payload, cid, value))
-        self._commit(ops, delta)
+                n_failed += 1
+        self._commit(ops, {_RUNNING: -(n_ok + n_failed), _SUCCESS: n_ok, _FAILED: n_failed})
         again = []
+        results, failed = self.results, self.failed
         for (i, ok, value), rec in zip(done, new, strict=True):
-            self.recs[i] = rec
+            recs[i] = rec
             if ok:
-                self.results[i] = value
-                self.failed.pop(i, None)
+                results[i] = value
+                if failed:
+                    failed.pop(i, None)
             elif self.tries[i] <= self.retries and self._may_retry(rec[1]):
                 again.append(i)
             else:
-                self.failed[i] = value
+                failed[i] = value
         return again
 
     def _may_retry(self, attempts: int) -> bool:
@@ -268,16 +289,24 @@ def run_map(store: TaskStore, fn: Callable[[Any], Any], items: Iterable[Any], *,
     ids = []
     raw_ids = []
     where: dict[bytes, int] = {}
+    limit = MAX_ID_BYTES
     for n, item in enumerate(items):
         task_id = key(item)
-        try:
-            raw = _id_bytes(task_id)
-        except (TypeError, ValueError) as e:
-            raise type(e)(f"key(items[{n}]): {e}") from None
-        if raw in where:
-            raise ValueError(f"items[{where[raw]}] and items[{n}] have the same task id "
+        raw = b""
+        if type(task_id) is str:
+            try:
+                raw = task_id.encode("utf-8")
+            except UnicodeEncodeError:
+                raw = b""
+        if not 0 < len(raw) <= limit:
+            try:
+                raw = _id_bytes(task_id)  # raises, naming what is wrong
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"key(items[{n}]): {e}") from None
+        first = where.setdefault(raw, n)
+        if first != n:
+            raise ValueError(f"items[{first}] and items[{n}] have the same task id "
                              f"{task_id!r}: key() must give each item its own id")
-        where[raw] = n
         ids.append(task_id)
         raw_ids.append(raw)
     if not items:
@@ -292,8 +321,11 @@ def run_map(store: TaskStore, fn: Callable[[Any], Any], items: Iterable[Any], *,
     store.recover()  # the items of a map whose process died: back to PENDING
     todo: list[int] = []
     db = store._db  # noqa: SLF001
-    for i, raw in enumerate(raw_ids):
-        value = db.get(_RECORDS + raw)
+    # a store that holds no task yet (its counters say so): nothing to look up
+    empty = db.get(_COUNTS_KEPT) is not None and not any(store.counts().values())
+    get = db.get
+    for i, rec_key in enumerate(m.rec_keys):
+        value = None if empty else get(rec_key)
         if value is None:
             m.recs[i] = (0, 0, b"", 0, None)
             todo.append(i)
