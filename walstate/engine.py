@@ -422,11 +422,17 @@ class Engine:
         self._check_write()
         return Batch(self)
 
-    def _commit_batch(self, ops: list[tuple[bytes, bytes | None]]) -> int:
+    def _commit_batch(self, ops: list[tuple[bytes, bytes | None]], wait: bool = True) -> int:
+        """Commits ``ops`` as one BATCH record. ``wait=False`` returns once it is
+        appended and applied, not yet durable: the caller then owes
+        ``_acknowledge(lsn)`` before it reports the write done (walstate.tasks
+        orders its appends under its own lock and waits for the fsync outside it,
+        so that its writers still share fsyncs)."""
         self._check_write()
-        return self._commit(codec.BATCH, _speedups.encode_batch(ops), ops, "batches")
+        return self._commit(codec.BATCH, _speedups.encode_batch(ops), ops, "batches", wait)
 
-    def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str) -> int:
+    def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str,
+                wait: bool = True) -> int:
         """Appends one record holding ``ops`` and applies them (the general put())."""
         try:
             with self._locked():
@@ -440,7 +446,7 @@ class Engine:
         except EngineFailedError as exc:
             self._fail(exc)
             raise
-        return self._acknowledge(lsn)
+        return self._acknowledge(lsn) if wait else lsn
 
     def _acknowledge(self, lsn: int) -> int:
         """After an append: waits for durability per ``sync``; asks for a checkpoint

@@ -169,6 +169,11 @@ def _describe(rtype: int, payload: bytes) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _key_text(k: bytes) -> str:
+    from ..tasks import describe_key
+
+    task = describe_key(k)
+    if task is not None:
+        return task
     try:
         s = k.decode()
         if s.isprintable():
@@ -196,7 +201,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json({"lsn": rec.lsn, "type": name, "segment": rec.segment,
                              "offset": rec.offset, "size": len(rec.payload),
-                             "ops": [{**o, "key": o["key"].hex()} if "key" in o else o
+                             "ops": [{**o, "key": o["key"].hex(), "key_text": _key_text(o["key"])}
+                                     if "key" in o else o
                                      for o in ops]})
             else:
                 if rec.type == codec.BATCH:
@@ -544,6 +550,138 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tasks ------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """Counts by status, a list, one task, or retry of FAILED tasks. Read-only
+    (beside a running writer) except ``retry``, which opens DIR for writing."""
+    import time
+
+    import walstate
+
+    from ..tasks import Status, TaskStore, decode_payload
+
+    lay = _require_dir(args.dir)
+    status = None
+    if args.status is not None:
+        try:
+            status = Status[args.status.upper()]
+        except KeyError:
+            print(f"walstate tasks: --status must be one of "
+                  f"{', '.join(s.name for s in Status)}, not {args.status!r}", file=sys.stderr)
+            return 2
+    if args.action in ("counts", "list") and args.ids:
+        print(f"walstate tasks {args.action}: takes no task ids", file=sys.stderr)
+        return 2
+    if args.action == "show" and len(args.ids) != 1:
+        print("walstate tasks show: give exactly one task id", file=sys.stderr)
+        return 2
+    if args.action == "retry" and not args.ids and not args.all:
+        print("walstate tasks retry: give task ids, or --all for every FAILED task",
+              file=sys.stderr)
+        return 2
+
+    def payload_view(state: Any, raw: bytes, cid: int) -> Any:
+        if cid and not args.raw:
+            try:
+                obj = decode_payload(raw, cid)
+            except Exception as exc:  # noqa: BLE001 - shown, not fatal
+                return {"codec": ("json", "pickle")[cid - 1], "undecodable": str(exc)}
+            if cid == 1:
+                return {"codec": "json", "value": obj}
+            return {"codec": "pickle", "repr": repr(obj)}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        return {"codec": "bytes", "size": len(raw), "text": text, "hex": raw.hex()}
+
+    def as_dict(tasks: TaskStore, state: Any) -> dict[str, Any]:
+        from ..tasks import _decode_rec, _id_bytes, _record_key
+
+        rec = _decode_rec(state.task_id, tasks._db.get(_record_key(_id_bytes(state.task_id))))
+        out = {"task_id": state.task_id, "status": state.status.name,
+               "attempts": state.attempts, "updated_at": state.updated_at,
+               "error": state.error, "payload": payload_view(state, rec.payload, rec.codec),
+               "owner": None}
+        if state.owner is not None:
+            out["owner"] = {"token": state.owner, **(tasks.owner_info(state.owner) or {})}
+        return out
+
+    if args.action == "retry":
+        done, refused = [], []
+        with walstate.open(lay.root) as db:
+            tasks = TaskStore(db)
+            ids = args.ids or [t.task_id for t in tasks.list(status=Status.FAILED)]
+            for task_id in ids:
+                try:
+                    tasks.retry(task_id)
+                    done.append(task_id)
+                except KeyError:
+                    refused.append((task_id, "no such task"))
+                except walstate.InvalidTransitionError as exc:
+                    refused.append((task_id, str(exc)))
+        if args.json:
+            _print_json({"retried": done, "refused": dict(refused)})
+        else:
+            for task_id in done:
+                print(f"retried {task_id}")
+            for task_id, why in refused:
+                print(f"not retried {task_id}: {why}", file=sys.stderr)
+        return 1 if refused else 0
+
+    with walstate.open(lay.root, read_only=True) as db:
+        tasks = TaskStore(db)  # payloads stay bytes: payload_view decodes (or not, --raw)
+        if args.action == "counts":
+            counts = {s.name: n for s, n in tasks.counts().items()}
+            if status is not None:
+                counts = {status.name: counts[status.name]}
+            if args.json:
+                _print_json(counts)
+            else:
+                for name, n in counts.items():
+                    print(f"{name:<8} {n}")
+                if status is None:
+                    print(f"{'total':<8} {sum(counts.values())}")
+            return 0
+        if args.action == "list":
+            shown = 0
+            for state in tasks.list(status=status):
+                if args.limit is not None and shown >= args.limit:
+                    break
+                shown += 1
+                if args.json:
+                    _print_json(as_dict(tasks, state))
+                    continue
+                age = time.time() - state.updated_at
+                error = "" if state.error is None else f"  error: {state.error.splitlines()[0]}"
+                print(f"{state.status.name:<8} {state.task_id}  attempts {state.attempts}  "
+                      f"updated {age:.0f} s ago{error}")
+            return 0
+        state = tasks.get(args.ids[0])
+        if state is None:
+            print(f"walstate tasks show: no task {args.ids[0]!r} in {lay.root}", file=sys.stderr)
+            return 1
+        info = as_dict(tasks, state)
+    if args.json:
+        _print_json(info)
+        return 0
+    for name in ("task_id", "status", "attempts", "updated_at", "error"):
+        print(f"{name:<10}  {info[name]}")
+    pv = info["payload"]
+    if pv["codec"] == "json":
+        shown = json.dumps(pv["value"])
+    elif pv["codec"] == "pickle":
+        shown = pv.get("repr", pv.get("undecodable"))
+    else:
+        shown = repr(pv["text"]) if pv["text"] is not None else "0x" + pv["hex"]
+    print(f"{'payload':<10}  ({pv['codec']}) {shown}")
+    owner = info["owner"]
+    if owner:
+        print(f"{'owner':<10}  pid {owner.get('pid')} on {owner.get('host')}, heartbeat "
+              f"{owner.get('heartbeat')}, {'alive' if owner.get('alive') else 'gone'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import benchmark
 
@@ -683,6 +821,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draw throughput bars and a put-latency CDF (needs matplotlib)")
     s.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("tasks", help="task states: counts by status, list, show one, retry "
+                       "FAILED ones (read-only except retry)")
+    s.add_argument("dir")
+    s.add_argument("action", nargs="?", default="counts",
+                   choices=["counts", "list", "show", "retry"])
+    s.add_argument("ids", nargs="*", metavar="ID", help="show: one task id; retry: task ids")
+    s.add_argument("--status", default=None, help="counts/list: only this status")
+    s.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    s.add_argument("--all", action="store_true", help="retry: every FAILED task")
+    s.add_argument("--raw", action="store_true", help="show/list: do not decode payloads "
+                   "(a pickle payload is decoded by unpickling it)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tasks)
 
     s = sub.add_parser("demo", help="the crash-and-resume demonstration", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
