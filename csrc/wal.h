@@ -22,6 +22,7 @@
 #define WAL_ETOOBIG -1007   /* payload above WAL_REC_MAX_PAYLOAD */
 #define WAL_EINVAL -1008    /* bad argument */
 #define WAL_EAGAIN -1009    /* wal_put_nowait: the append would wait or do I/O */
+#define WAL_ESHORT -1010    /* the newest segment is shorter than its header records */
 
 typedef struct wal wal_t;
 typedef struct wal_reader wal_reader_t;
@@ -31,8 +32,10 @@ typedef struct {
     uint64_t segment_size; /* nominal segment size (preallocated) */
     uint64_t buffer_size;  /* user-space append buffer */
     uint64_t min_next_lsn; /* the first LSN issued is at least this */
-    uint64_t covered_lsn;  /* with no segment yet: LSNs up to this are covered
-                              elsewhere (the snapshot); the first segment's prev_lsn */
+    uint64_t covered_lsn;  /* LSNs up to this are covered elsewhere (the snapshot):
+                              with no segment yet, the first segment's prev_lsn; in
+                              the last segment, damage in records up to it is passed
+                              over when looking for the end */
 } wal_options_t;
 
 #define WAL_FSYNC_BUCKETS 32 /* log2 microsecond buckets */

@@ -26,6 +26,9 @@ const char *wal_strerror(int rc)
         return "invalid argument";
     case WAL_EAGAIN:
         return "the append would wait or do I/O";
+    case WAL_ESHORT:
+        return "the newest WAL segment is shorter than its header records (cut short by a "
+               "copy or a truncate: records may be missing)";
     default:
         return rc < 0 && rc > -1000 ? strerror(-rc) : "unknown error";
     }

@@ -85,9 +85,8 @@ int seg_create(const char *dir, seg_header_t *h, uint64_t alloc_size);
 /* The next segment's file made ahead of time, at `path` (dir/spare-*.tmp: a
  * *.tmp, so wal_open removes a leftover; cap >= WAL_PATH_MAX + 64):
  * allocated, zero-filled and fsynced, no header. Returns its fd, or a negative
- * errno (nothing left behind; *allocated: whether it failed after the space
- * was allocated -- a write or fsync that failed, not a full disk). */
-int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap, int *allocated);
+ * errno (nothing left behind). */
+int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap);
 /* seg_create from a spare (fd and path of seg_spare_make, big enough): header,
  * fsync, rename, LAST -- the same steps and crash states as seg_create after
  * its zero fill. Consumes spare_fd (closed on failure). Returns the segment's
@@ -158,6 +157,7 @@ struct wal {
     pthread_cond_t cv;
     char dir[WAL_PATH_MAX];
     uint64_t system_id, segment_size;
+    uint64_t covered_lsn; /* the snapshot holds every record up to it (wal_options_t) */
     int fd;              /* current segment */
     seg_header_t hdr;    /* of the current segment */
     uint64_t seg_alloc;  /* its size on disk (preallocated) */

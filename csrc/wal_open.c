@@ -20,10 +20,27 @@ static int find_end(wal_t *w, const uint8_t *buf, size_t len, const seg_header_t
     wal_record_t rec;
     size_t off = WAL_SEG_HDR_SIZE;
     uint64_t expected = h->first_lsn;
-    while (rec_parse(buf, len, off, h->salt, &rec) && rec.lsn == expected) {
-        wal_note_record(w, rec.lsn, off);
-        off += WAL_REC_HDR_SIZE + rec.len;
-        expected++;
+    for (;;) {
+        if (rec_parse(buf, len, off, h->salt, &rec) && rec.lsn == expected) {
+            wal_note_record(w, rec.lsn, off);
+            off += WAL_REC_HDR_SIZE + rec.len;
+            expected++;
+            continue;
+        }
+        /* damage in records the snapshot holds (recovery, which reads from the
+         * snapshot's LSN on, passed over it the same way): the next valid record
+         * of this segment at most one above covered_lsn goes on */
+        size_t p = off + 1;
+        for (; expected <= w->covered_lsn && p + WAL_REC_HDR_SIZE <= len; p++) {
+            uint64_t lsn = get64(buf + p + 8);
+            if (lsn > expected && lsn <= w->covered_lsn + 1 &&
+                rec_parse(buf, len, p, h->salt, &rec))
+                break;
+        }
+        if (expected > w->covered_lsn || p + WAL_REC_HDR_SIZE > len)
+            break;
+        off = p;
+        expected = rec.lsn;
     }
     for (size_t i = off; i < len; i++)
         if (buf[i])
@@ -124,6 +141,7 @@ int wal_open(const char *dir, const wal_options_t *opt, wal_t **out)
     snprintf(w->dir, sizeof w->dir, "%s", dir);
     w->system_id = opt->system_id;
     w->segment_size = opt->segment_size;
+    w->covered_lsn = opt->covered_lsn;
     w->fd = -1;
     w->next_fd = -1;
     w->buf_cap = w->spare_cap = (size_t)opt->buffer_size;

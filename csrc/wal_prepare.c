@@ -25,8 +25,7 @@ static void *prep_main(void *arg)
         uint64_t size = w->segment_size;
         char path[WAL_PATH_MAX + 64];
         pthread_mutex_unlock(&w->mu);
-        int allocated;
-        int fd = seg_spare_make(w->dir, size, path, sizeof path, &allocated);
+        int fd = seg_spare_make(w->dir, size, path, sizeof path);
         pthread_mutex_lock(&w->mu);
         w->prep_state = PREP_IDLE;
         if (fd >= 0 && w->next_fd < 0 && !w->prep_stop) {
@@ -36,16 +35,13 @@ static void *prep_main(void *arg)
         } else if (fd >= 0) {
             close(fd);
             unlink(path);
-        } else if (allocated || (fd != -ENOSPC && fd != -EDQUOT)) {
-            /* a failing device (EIO, or writes lost after the space was granted:
-             * even ENOSPC from fsync): nothing more is acknowledged -- the log's
-             * own blocks may be failing the same way, and only a later fdatasync
-             * would say so */
-            wal_poison(w, fd);
-            pthread_cond_broadcast(&w->cv);
         }
-        /* a full disk is not reported here: the rotation then creates the
-         * segment itself and reports it */
+        /* A spare that failed (full disk, EIO, even after its space was
+         * granted) is removed by seg_spare_make and poisons nothing: no record
+         * is in it and nothing acknowledged depends on it. The log's own
+         * blocks are covered by the log's own fdatasync, which reports their
+         * failure to the writer waiting for it; the rotation then creates the
+         * segment itself, in the foreground, and reports what fails there. */
     }
     pthread_mutex_unlock(&w->mu);
     return NULL;

@@ -39,6 +39,10 @@ struct wal_reader {
     uint64_t hint_start_lsn; /* LSN of buf[0] in the hinted segment */
     seg_header_t hdr;
     uint64_t expected; /* LSN of the next record; 0 before the first segment */
+    uint64_t file_size; /* of the current segment; below hdr.segment_size: cut short */
+    int last_bad;       /* wal/LAST names a segment that is gone (1) or is garbage (2):
+                         * reported where the segments on disk end */
+    uint64_t last_lsn;  /* last_bad == 1: the segment LAST names */
     wal_end_t end;
 };
 
@@ -86,6 +90,15 @@ static int classify_stop(wal_reader_t *r)
 {
     size_t nz = nonzero_end(r->buf, r->off, r->len);
     int last = r->idx + 1 >= r->nsegs;
+    /* Segments are preallocated to the size their header records (a larger one
+     * holds one oversized record) before they get their name, so no crash
+     * leaves the newest one shorter: a copy or a truncate cut it, and records
+     * may be missing with nothing else to say so. (An earlier segment cut short
+     * shows in the next one's prev_lsn.) */
+    if (last && r->file_size < r->hdr.segment_size) {
+        stop(r, WAL_END_ERROR, WAL_ESHORT, r->off);
+        return 0;
+    }
     if (nz == r->off) {
         if (!last)
             return 1;
@@ -116,6 +129,7 @@ static int load_hinted(wal_reader_t *r, const char *path)
         return rc;
     }
     r->end.end_hint = WAL_HINT_USED;
+    r->file_size = size;
     r->buf = buf;
     r->len = len;
     r->base = base;
@@ -140,7 +154,7 @@ static int load_segment(wal_reader_t *r)
         hinted = rc == 0;
     }
     if (!hinted) {
-        rc = file_read_all(path, &r->buf, &r->len, NULL);
+        rc = file_read_all(path, &r->buf, &r->len, &r->file_size);
         if (rc < 0) {
             stop(r, WAL_END_ERROR, rc, 0);
             return rc;
@@ -184,6 +198,28 @@ static int load_segment(wal_reader_t *r)
     }
     r->loaded = 1;
     r->end.segments++;
+    return 0;
+}
+
+/* Reading stopped at r->off, below from_lsn (in records that the snapshot
+ * already holds): damage there does not matter to a reader that starts at
+ * from_lsn. Finds the next valid record of this segment with an LSN above the
+ * expected one and at most from_lsn -- the segment salt in its CRC says that
+ * it was written into this very file -- and goes on from it. 1 found, 0 not
+ * (the stop is then judged as any other). */
+static int resync_below(wal_reader_t *r)
+{
+    wal_record_t rec;
+    for (size_t p = r->off + 1; p + WAL_REC_HDR_SIZE <= r->len; p++) {
+        uint64_t lsn = get64(r->buf + p + 8);
+        if (lsn <= r->expected || lsn > r->from_lsn)
+            continue;
+        if (rec_parse(r->buf, r->len, p, r->hdr.salt, &rec)) {
+            r->off = p;
+            r->expected = lsn;
+            return 1;
+        }
+    }
     return 0;
 }
 
@@ -233,7 +269,14 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
         free(r);
         return rc;
     }
-    if (lr == WAL_ECORRUPT || (lr == 0 && (r->nsegs == 0 || last > r->segs[r->nsegs - 1]))) {
+    if (r->nsegs > 0 && (lr == WAL_ECORRUPT || (lr == 0 && last > r->segs[r->nsegs - 1]))) {
+        /* the newest segment ever created is gone (or LAST is unreadable): the
+         * segments on disk are read, and the log is reported to end in that
+         * error where they end (point-in-time recovery keeps what they hold) */
+        r->last_bad = lr == 0 ? 1 : 2;
+        r->last_lsn = last;
+    }
+    if (r->nsegs == 0 && (lr == WAL_ECORRUPT || lr == 0)) {
         /* the newest segment ever created is gone (or LAST is unreadable) */
         r->idx = r->nsegs;
         r->expected = lr == 0 ? last : 0;
@@ -245,7 +288,7 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
     } else if (r->nsegs == 0) {
         stop(r, WAL_END_CLEAN, 0, 0);
     } else {
-        if (flags & WAL_READ_END_HINT) {
+        if ((flags & WAL_READ_END_HINT) && !r->last_bad) {
             /* usable only if it names the newest segment, which LAST confirms */
             int hr = endhint_read(dir, &r->hint);
             if (hr == WAL_HINT_USED &&
@@ -275,7 +318,10 @@ int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
             if (rc < 0)
                 return rc;
         }
-        if (rec_parse(r->buf, r->len, r->off, r->hdr.salt, rec)) {
+        int ok = rec_parse(r->buf, r->len, r->off, r->hdr.salt, rec);
+        if ((!ok || rec->lsn != r->expected) && r->expected < r->from_lsn && resync_below(r))
+            continue;
+        if (ok) {
             if (rec->lsn != r->expected) {
                 stop(r, WAL_END_ERROR, WAL_ECORRUPT, r->off);
                 return WAL_ECORRUPT;
@@ -286,8 +332,19 @@ int wal_reader_next(wal_reader_t *r, wal_record_t *rec)
                 continue;
             return 1;
         }
-        if (!classify_stop(r))
+        if (!classify_stop(r)) {
+            if (r->last_bad && r->end.status != WAL_END_ERROR) {
+                /* clean or torn: the log goes on in a segment that is gone */
+                r->end.status = WAL_END_ERROR;
+                r->end.rc = WAL_ECORRUPT;
+                if (r->last_bad == 1)
+                    seg_name(r->end.path, sizeof r->end.path, r->dir, r->last_lsn);
+                else if (snprintf(r->end.path, sizeof r->end.path, "%s/%s", r->dir,
+                                  WAL_LAST_NAME) >= (int)sizeof r->end.path)
+                    r->end.path[0] = 0; /* cannot happen: dir is checked at open */
+            }
             return r->end.status == WAL_END_ERROR ? r->end.rc : 0;
+        }
         r->idx++;
         r->loaded = 0;
     }

@@ -40,11 +40,15 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
     char path[WAL_PATH_MAX + 64], broken[WAL_PATH_MAX + 128];
     uint8_t *buf = NULL;
     size_t len = 0;
+    uint64_t fsize = 0, want = 0;
     seg_name(path, sizeof path, dir, seg_first_lsn);
     int whole = offset <= WAL_SEG_HDR_SIZE;
     /* 1. the cut part of the segment, copied aside and made durable */
     if (!whole) {
-        rc = file_read_all(path, &buf, &len, NULL);
+        rc = file_read_all(path, &buf, &len, &fsize);
+        seg_header_t sh;
+        if (rc == 0 && seg_decode_header(buf, len, &sh) == 0 && fsize < sh.segment_size)
+            want = sh.segment_size; /* cut short by a copy: given its size back below */
         if (rc == 0 && offset < len) {
             size_t end = len;
             while (end > offset && buf[end - 1] == 0)
@@ -96,6 +100,25 @@ int wal_cut(const char *dir, uint64_t seg_first_lsn, uint64_t offset, uint64_t *
             rc = h_pwrite_all(fd, buf + offset, len - offset, offset);
             if (rc == 0)
                 rc = h_fdatasync(fd);
+            close(fd);
+        }
+    }
+    /* 5. a segment cut short (by a partial copy, a truncate) that stays gets its
+     *    recorded size back, zero-filled like a new one, so that it reads as a
+     *    whole segment again (the writer appends into it) */
+    if (rc == 0 && !whole && want > fsize) {
+        int fd = h_open(path, O_WRONLY, 0);
+        if (fd < 0) {
+            rc = fd;
+        } else {
+            static const uint8_t zeros[1 << 16];
+            for (uint64_t o = fsize; rc == 0 && o < want;) {
+                size_t k = want - o < sizeof zeros ? (size_t)(want - o) : sizeof zeros;
+                rc = h_pwrite_all(fd, zeros, k, o);
+                o += k;
+            }
+            if (rc == 0)
+                rc = h_fsync(fd); /* fsync: the size is metadata */
             close(fd);
         }
     }

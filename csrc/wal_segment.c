@@ -244,15 +244,13 @@ static int zero_fill(int fd, uint64_t size)
     return 0;
 }
 
-int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap, int *allocated)
+int seg_spare_make(const char *dir, uint64_t size, char *path, size_t cap)
 {
-    *allocated = 0;
     snprintf(path, cap, "%s/spare-%016llx.tmp", dir, (unsigned long long)random_nonce());
     int fd = h_open(path, O_RDWR | O_CREAT | O_EXCL, 0644);
     if (fd < 0)
         return fd;
     int rc = h_fallocate(fd, size);
-    *allocated = rc == 0;
     if (rc == 0)
         rc = zero_fill(fd, size);
     if (rc == 0)

@@ -18,6 +18,7 @@ from .errors import (
     LockedError,
     MismatchError,
     ReadOnlyError,
+    StaleReadError,
     WalStateError,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "LockedError",
     "MismatchError",
     "ReadOnlyError",
+    "StaleReadError",
     "WalStateError",
     "open",
 ]

@@ -37,7 +37,7 @@ __all__ = ["ffi", "lib", "raise_for", "speedups", "strerror"]
 
 # Codes whose meaning is "the data on disk is wrong".
 _MISMATCH = {lib.WAL_EMISMATCH, lib.WAL_EVERSION, lib.WAL_EGAP}
-_CORRUPT = {lib.WAL_ECORRUPT, lib.WAL_ETORN}
+_CORRUPT = {lib.WAL_ECORRUPT, lib.WAL_ETORN, lib.WAL_ESHORT}
 
 
 def strerror(rc: int) -> str:

@@ -17,11 +17,12 @@ keys or a checkpoint LSN (a directory whose marker was lost).
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import time
 
 from . import _hooks
-from .errors import CorruptionError, MismatchError, WalStateError
+from .errors import ConfigError, CorruptionError, MismatchError, WalStateError
 from .layout import (
     FORMAT_VERSION,
     LOCK,
@@ -39,6 +40,19 @@ from .snapshot import META_CHECKPOINT, Snapshot
 from .wal import WalReader, list_segments
 
 log = logging.getLogger("walstate")
+
+
+def check_map_size(map_size: int) -> None:
+    """ConfigError if this machine cannot map ``map_size`` bytes (its address
+    space, or a ulimit -v), before anything is changed: an anonymous mapping of
+    that length that reserves nothing and is dropped at once."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    try:
+        probe = mmap.mmap(-1, map_size, flags=flags, prot=0)
+    except (OSError, OverflowError, ValueError) as exc:
+        raise ConfigError("map_size", f"{map_size} bytes cannot be mapped on this machine "
+                          f"({exc}); choose a smaller map_size") from None
+    probe.close()
 
 
 def lock_directory(lay: Layout, *, read_only: bool) -> DirLock | None:

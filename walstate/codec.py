@@ -46,6 +46,17 @@ def as_key(key: object) -> bytes:
     return key  # type: ignore[return-value]
 
 
+def as_bound(bound: object, name: str) -> bytes | None:
+    """A range bound (``items(start=, stop=)``) as bytes: any buffer of any
+    length -- a bound is compared with keys, it is not one (b"" sorts first).
+    None stays None; TypeError naming ``name`` otherwise."""
+    if bound is None or type(bound) is bytes:
+        return bound  # type: ignore[return-value]
+    if isinstance(bound, str) or not _is_buffer(bound):
+        raise TypeError(f"{name} must be bytes, a buffer or None, not {type(bound).__name__}")
+    return bytes(memoryview(bound).cast("B"))  # type: ignore[arg-type]
+
+
 def as_value(value: object) -> bytes:
     """``value`` as bytes, or TypeError/ValueError naming the limit."""
     if type(value) is not bytes:

@@ -10,6 +10,10 @@ from dataclasses import dataclass, fields
 from .errors import ConfigError
 
 MiB = 1024 * 1024
+DAY = 86400.0
+YEAR = 365 * DAY
+MAX_BYTES = 1 << 62             # sizes in bytes: far above any disk, well inside int64
+MAX_MAP_SIZE = (1 << 63) - 1    # LMDB's map size: a size_t the mmap length must fit in
 __all__ = ["RECOVERY_MODES", "SYNC_MODES", "Config"]
 
 SYNC_MODES = ("always", "interval", "none")
@@ -54,25 +58,31 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("sync", self.sync, SYNC_MODES)
         _check_choice("recovery", self.recovery, RECOVERY_MODES)
-        _check_positive("sync_interval", self.sync_interval)
-        _check_positive("checkpoint_timeout", self.checkpoint_timeout)
-        _check_int("max_wal_size", self.max_wal_size, low=1)
+        # intervals: below the low bound a background thread would spin, above the
+        # high one a timer cannot wait that long (and no one means it)
+        _check_seconds("sync_interval", self.sync_interval, low=0.001, high=DAY)
+        _check_seconds("checkpoint_timeout", self.checkpoint_timeout, low=0.01, high=YEAR)
+        _check_int("max_wal_size", self.max_wal_size, low=1, high=MAX_BYTES)
         _check_number("checkpoint_completion_target", self.checkpoint_completion_target,
                       low=0.0, high=1.0)
         _check_int("segment_size", self.segment_size, low=4096, high=1 << 40)
         if not isinstance(self.read_only, bool):
             raise ConfigError("read_only", f"must be a bool, not {self.read_only!r}")
-        _check_int("map_size", self.map_size, low=1 * MiB)
+        # LMDB's map size is a size_t; what the machine can map is checked at open
+        _check_int("map_size", self.map_size, low=1 * MiB, high=MAX_MAP_SIZE)
         if self.max_recovery_seconds is not None:
-            _check_positive("max_recovery_seconds", self.max_recovery_seconds)
+            _check_seconds("max_recovery_seconds", self.max_recovery_seconds, low=0.0,
+                           high=YEAR, open_low=True)
         _check_int("wal_buffer_size", self.wal_buffer_size, low=4096, high=1 << 30)
         self._check_archive()
-        _check_positive("archive_interval", self.archive_interval)
+        _check_seconds("archive_interval", self.archive_interval, low=0.0, high=DAY,
+                       open_low=True)
         if self.archive_backup_bytes is not None:
-            _check_int("archive_backup_bytes", self.archive_backup_bytes, low=1)
+            _check_int("archive_backup_bytes", self.archive_backup_bytes, low=1, high=MAX_BYTES)
         if self.max_archive_lag_bytes is not None:
-            _check_int("max_archive_lag_bytes", self.max_archive_lag_bytes, low=0)
-        _check_number("slow_fsync_seconds", self.slow_fsync_seconds, low=0.0)
+            _check_int("max_archive_lag_bytes", self.max_archive_lag_bytes, low=0,
+                       high=MAX_BYTES)
+        _check_seconds("slow_fsync_seconds", self.slow_fsync_seconds, low=0.0, high=DAY)
 
     def _check_archive(self) -> None:
         from .archivestore import normalize
@@ -82,7 +92,8 @@ class Config:
             v = getattr(self, name)
             if v is None:
                 continue
-            if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+            if not isinstance(v, (str, os.PathLike)) or not os.fspath(v) or "\0" in str(
+                    os.fspath(v)):
                 raise ConfigError(name, f"must be a directory, an s3://bucket/prefix URL or "
                                   f"None, not {v!r}")
             try:
@@ -121,18 +132,30 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_number(name: str, value: object, low: float | None = None,
                   high: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    """A finite int or float (not a bool) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(name, f"must be a number, not {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(name, f"must be a finite number, not {value!r}")
     if low is not None and value < low:
-        raise ConfigError(name, f"must be >= {low}, not {value!r}")
+        raise ConfigError(name, f"must be >= {_fmt(low)}, not {value!r}")
     if high is not None and value > high:
-        raise ConfigError(name, f"must be <= {high}, not {value!r}")
+        raise ConfigError(name, f"must be <= {_fmt(high)}, not {value!r}")
 
 
-def _check_positive(name: str, value: object) -> None:
-    _check_number(name, value)
-    if value <= 0:  # type: ignore[operator]
-        raise ConfigError(name, f"must be > 0, not {value!r}")
+def _fmt(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _check_seconds(name: str, value: object, low: float, high: float,
+                   open_low: bool = False) -> None:
+    """A duration in seconds: a finite number in [low, high] ((low, high] with
+    ``open_low``)."""
+    _check_number(name, value, high=high)
+    if open_low and value <= low:  # type: ignore[operator]
+        raise ConfigError(name, f"must be > {low:g} seconds, not {value!r}")
+    if value < low:  # type: ignore[operator]
+        raise ConfigError(name, f"must be >= {low:g} seconds, not {value!r}")
 
 
 def _check_int(name: str, value: object, low: int | None = None, high: int | None = None) -> None:

@@ -16,7 +16,13 @@ what recovery did, checks that every acknowledged transition is there, puts
 the interrupted tasks back to PENDING with ``tasks.recover()`` and starts a
 new worker, which resumes each task from its cursor.
 
-At the end the parent verifies, with its own computation and independently
+Then the pool stage: ``tasks.map`` over worker processes in another
+directory; the parent SIGKILLs one of the map's workers and then the
+engine's process, a few times, at random moments, shows the counts recorded
+at each crash, runs the map to the end and verifies every item's result,
+that the counts equal a scan and that nothing is left RUNNING.
+
+At the end of the first stage the parent verifies, with its own computation and independently
 of the worker: every task is SUCCESS with the right result, finished once,
 and the acknowledgements of every task form an unbroken chain in which each
 resumption starts at or after the last acknowledged step. Exit status 0 only
@@ -600,6 +606,164 @@ def run_demo(path: Path, n_tasks: int, crashes: int, seed: int, drop_ack: bool,
     return 0
 
 
+# -- the pool: TaskStore.map over worker processes, its parent and workers killed -----
+
+POOL_PROCESSES = 3
+POOL_ITEM_SECONDS = 0.004
+
+
+def pool_work(n: int) -> str:
+    """One item of the pool stage: a hash chain, deterministic (the verifier
+    computes it too)."""
+    cursor = first_cursor(f"item-{n:05d}")
+    for _ in range(STEPS):
+        cursor = next_cursor(cursor)
+    time.sleep(POOL_ITEM_SECONDS)  # the rest of the "work": waiting on something
+    return result_of(cursor).hex()
+
+
+def run_pool_worker(path: str, n_items: int) -> int:
+    """The engine's process of the pool stage: map to the end (a worker killed
+    in the middle of an item alone fails it: run again)."""
+    import walstate
+    from walstate import demo as this  # pool_work by its module's name, for the workers
+    from walstate.tasks import TasksFailedError, TaskStore
+
+    with walstate.open(path, **ENGINE_OPTIONS) as db:
+        tasks = TaskStore(db)
+        _say("pid", os.getpid())
+        for _ in range(100):
+            try:
+                tasks.map(this.pool_work, range(n_items), processes=POOL_PROCESSES,
+                          key=lambda n: f"item-{n:05d}")
+                break
+            except TasksFailedError:
+                continue
+    _say("done")
+    return 0
+
+
+def _descendants(pid: int) -> dict[int, int]:
+    """pid -> depth below ``pid`` of its live descendants (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    stat = f.read()
+                parents[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    depth: dict[int, int] = {}
+    frontier, level = [pid], 0
+    while frontier:
+        level += 1
+        frontier = [p for p, pp in parents.items() if pp in frontier and p not in depth]
+        depth.update((p, level) for p in frontier)
+    return depth
+
+
+def run_pool_demo(path: Path, n_items: int, kills: int, seed: int, out: TextIO) -> int:
+    """Start the map; SIGKILL a worker, then the engine's process, ``kills``
+    times at random moments, showing the counts after each; then let it finish
+    and verify every result and every count."""
+
+    rng = random.Random(seed ^ 0x9E3779B9)
+    out.write(f"\npool: tasks.map over {n_items} items in {POOL_PROCESSES} worker processes "
+              f"(the engine's process records every transition)\n")
+    out.flush()
+    # A killed engine's process leaves its multiprocessing temp dir (pymp-*) behind:
+    # give the runs their own TMPDIR, removed at the end.
+    env = _worker_env()
+    env["TMPDIR"] = tempfile.mkdtemp(prefix="wsd-")
+    try:
+        return _pool_runs(path, n_items, kills, rng, out, env)
+    finally:
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+
+
+def _pool_runs(path: Path, n_items: int, kills: int, rng: random.Random, out: TextIO,
+               env: dict[str, str]) -> int:
+    import walstate
+    from walstate.tasks import Status, TaskStore
+
+    t_start = time.perf_counter()
+    runs = worker_kills = parent_kills = 0
+    while True:
+        runs += 1
+        proc = subprocess.Popen([sys.executable, "-m", "walstate.demo", "--pool-worker",
+                                 str(path), "--pool-items", str(n_items)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # "pid N": the engine is open
+        last = parent_kills >= kills
+        if not last:
+            workers: list[int] = []
+            deadline = time.monotonic() + 5
+            while not workers and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)  # the map's workers (under its forkserver) are up
+                workers = [p for p, d in _descendants(proc.pid).items() if d == 2]
+            time.sleep(rng.uniform(0.05, 0.4))
+            if workers and proc.poll() is None:
+                victim = rng.choice(workers)
+                try:
+                    os.kill(victim, signal.SIGKILL)
+                    worker_kills += 1
+                    out.write(f"  run {runs}: SIGKILL worker {victim}\n")
+                except ProcessLookupError:
+                    pass
+                time.sleep(rng.uniform(0.05, 0.4))
+            if proc.poll() is None:
+                proc.kill()
+                parent_kills += 1
+        stdout, stderr = proc.communicate(timeout=READ_TIMEOUT)
+        if proc.returncode == -signal.SIGKILL:
+            with walstate.open(path, read_only=True) as db:
+                counts = TaskStore(db).counts()
+            shown = ", ".join(f"{s.name} {n}" for s, n in counts.items())
+            out.write(f"  run {runs}: SIGKILL the engine's process; recorded: {shown}\n")
+            out.flush()
+            continue
+        if proc.returncode == 0 and b"done" in line + stdout:
+            break
+        out.write(f"walstate demo: the pool run failed (exit status {proc.returncode}):\n"
+                  + stderr.decode(errors="replace"))
+        return 1
+    elapsed = time.perf_counter() - t_start
+    problems = []
+    with walstate.open(path) as db:
+        tasks = TaskStore(db)
+        left = tasks.recover()
+        states = {t.task_id: t for t in tasks.list() if t.task_id.startswith("item-")}
+        counts, scan = tasks.counts(), dict.fromkeys(Status, 0)
+        for t in tasks.list():
+            scan[t.status] += 1
+    import pickle
+
+    if left:
+        problems.append(f"{len(left)} tasks were left RUNNING")
+    if counts != scan:
+        problems.append(f"counts {counts} differ from a scan {scan}")
+    for n in range(n_items):
+        state = states.get(f"item-{n:05d}")
+        if state is None or state.status is not Status.SUCCESS:
+            problems.append(f"item-{n:05d} is {state and state.status.name}, not SUCCESS")
+        elif pickle.loads(state.payload) != pool_work(n):
+            problems.append(f"item-{n:05d} has a wrong result")
+    attempts = sum(t.attempts for t in states.values())
+    short = "" if parent_kills >= kills else f" (of {kills} planned: the work ran out first)"
+    out.write(f"  {runs} runs, {parent_kills} engine kills{short}, {worker_kills} worker kills, "
+              f"{attempts} attempts for {n_items} items, {elapsed:.1f} s\n")
+    if problems:
+        out.write(f"\npool verification FAILED ({len(problems)} problems):\n")
+        for p in problems[:20]:
+            out.write(f"  {p}\n")
+        return 1
+    out.write(f"\npool verification passed: all {n_items} items SUCCESS with the expected "
+              f"result, counts equal a scan, nothing left RUNNING\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="walstate demo",
@@ -615,7 +779,11 @@ def main(argv: list[str] | None = None) -> int:
                              "afterwards unless --keep)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--seed", type=int, help="random seed for the kill points")
+    parser.add_argument("--pool-items", type=int, default=None, metavar="N",
+                        help="items of the pool stage (default: --tasks, within 600..2000)")
+    parser.add_argument("--no-pool", action="store_true", help="skip the pool stage")
     parser.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--pool-worker", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint-after", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--drop-ack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -624,8 +792,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.crashes < 0:
         parser.error("--crashes must be at least 0")
 
+    pool_items = (args.pool_items if args.pool_items is not None
+                  else min(max(args.tasks, 600), 2000))
+    if pool_items < 1:
+        parser.error("--pool-items must be at least 1")
     if args.worker:
         return run_worker(args.worker, args.tasks, args.checkpoint_after)
+    if args.pool_worker:
+        return run_pool_worker(args.pool_worker, pool_items)
 
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     drop_ack = args.drop_ack or os.environ.get("WALSTATE_DEMO_BREAK") == "1"
@@ -639,6 +813,9 @@ def main(argv: list[str] | None = None) -> int:
           f"data in {path}", flush=True)
     try:
         status = run_demo(path, args.tasks, args.crashes, seed, drop_ack, sys.stdout)
+        if status == 0 and not args.no_pool:
+            status = run_pool_demo(path.parent / (path.name + "-pool"), pool_items,
+                                   max(1, min(args.crashes, 3)), seed, sys.stdout)
     finally:
         if tmp is not None:
             if args.keep:

@@ -34,7 +34,7 @@ from .layout import (
     Layout,
     read_marker,
 )
-from .recovery import replay
+from .recovery import replay, replay_read_only
 from .snapshot import Snapshot, _keep_forever
 from .wal import Wal, list_segments
 
@@ -207,6 +207,7 @@ class Engine:
     def _open(self) -> None:
         cfg, lay = self.config, self._layout
         ro = cfg.read_only
+        _opening.check_map_size(cfg.map_size)
         self._dirlock = _opening.lock_directory(lay, read_only=ro)
         marker = read_marker(lay)
         fresh = marker is None
@@ -225,8 +226,13 @@ class Engine:
         snap_lsn = int(meta["lsn"])
         if not os.path.isdir(lay.wal):
             raise CorruptionError(f"the WAL directory {lay.wal} is missing", path=lay.wal)
-        rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
-                     mode=cfg.recovery, read_only=ro)
+        if ro:  # beside a writer that may checkpoint meanwhile (one view, kept)
+            meta, rec = replay_read_only(lay.wal, self._snapshot, system_id=self.system_id,
+                                         mode=cfg.recovery)
+            snap_lsn = int(meta["lsn"])
+        else:
+            rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
+                         mode=cfg.recovery, read_only=ro)
         _hooks.hit("recovery_after_replay")
         self._recovery = rec.report
         self._active = rec.table
@@ -416,11 +422,17 @@ class Engine:
         self._check_write()
         return Batch(self)
 
-    def _commit_batch(self, ops: list[tuple[bytes, bytes | None]]) -> int:
+    def _commit_batch(self, ops: list[tuple[bytes, bytes | None]], wait: bool = True) -> int:
+        """Commits ``ops`` as one BATCH record. ``wait=False`` returns once it is
+        appended and applied, not yet durable: the caller then owes
+        ``_acknowledge(lsn)`` before it reports the write done (walstate.tasks
+        orders its appends under its own lock and waits for the fsync outside it,
+        so that its writers still share fsyncs)."""
         self._check_write()
-        return self._commit(codec.BATCH, _speedups.encode_batch(ops), ops, "batches")
+        return self._commit(codec.BATCH, _speedups.encode_batch(ops), ops, "batches", wait)
 
-    def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str) -> int:
+    def _commit(self, rtype: int, payload: bytes, ops: Any, kind: str,
+                wait: bool = True) -> int:
         """Appends one record holding ``ops`` and applies them (the general put())."""
         try:
             with self._locked():
@@ -434,7 +446,7 @@ class Engine:
         except EngineFailedError as exc:
             self._fail(exc)
             raise
-        return self._acknowledge(lsn)
+        return self._acknowledge(lsn) if wait else lsn
 
     def _acknowledge(self, lsn: int) -> int:
         """After an append: waits for durability per ``sync``; asks for a checkpoint
@@ -525,8 +537,8 @@ class Engine:
         """(key, value) in key order with start <= key < stop, over all committed
         writes at the time of the call (later writes may or may not show)."""
         self._check_open()
-        start = None if start is None else codec.as_key(start)
-        stop = None if stop is None else codec.as_key(stop)
+        start = codec.as_bound(start, "start") or None  # b"": from the first key
+        stop = codec.as_bound(stop, "stop")
         with self._locked():
             self._check_open()  # (a close() meanwhile replaced the tables)
             tables = (*reversed(self._frozen), self._active)
@@ -660,6 +672,11 @@ class Engine:
         if self._wal is not None:
             st = self._wal.stats()
             out["durable_lsn"] = st["durable_lsn"]
+            if st["poisoned"] and out["failed"] is None:  # failed where no call saw it
+                from ._native import strerror
+
+                out["failed"] = (f"the write-ahead log failed: {strerror(st['poisoned'])}; "  # type: ignore[arg-type]
+                                 "writes are refused until the directory is reopened")
             out["fsync_latency"] = fsync_latency(st["fsync_hist"], st["fsync_ns_max"])  # type: ignore[arg-type]
         else:
             out["fsync_latency"] = fsync_latency([], 0)

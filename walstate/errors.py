@@ -22,7 +22,7 @@ import errno as _errno
 
 __all__ = ["ClosedError", "ConfigError", "CorruptionError", "DiskFullError",
            "EngineFailedError", "InvalidTransitionError", "LockedError", "MismatchError",
-           "ReadOnlyError", "WalStateError"]
+           "ReadOnlyError", "StaleReadError", "WalStateError"]
 
 
 class WalStateError(Exception):
@@ -79,6 +79,12 @@ class EngineFailedError(WalStateError):
 
 class ReadOnlyError(WalStateError):
     """A write was attempted on a read-only open."""
+
+
+class StaleReadError(WalStateError):
+    """A read-only engine's view can no longer be served: a writer's checkpoint
+    folded writes made after that view into the snapshot (the old values are
+    gone). Nothing mixed was returned; reopen to read a newer state."""
 
 
 class ClosedError(WalStateError):

@@ -20,7 +20,9 @@ during recovery followed by another recovery gives the same state.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from . import _hooks, codec
 from ._native import ffi, lib
 from ._native import speedups as _speedups
-from .errors import CorruptionError, MismatchError
+from .errors import CorruptionError, MismatchError, WalStateError
 from .wal import LogEnd, WalReader, cut
 
 log = logging.getLogger("walstate")
@@ -101,14 +103,15 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
     nbytes -= codec.REC_HEADER * ignored + ignored_bytes
 
     truncated = 0
+    why = end.describe()  # before a cut changes what it describes
     if end.status == "error":
         if end.rc == lib.WAL_EGAP:
             raise MismatchError(
                 f"the snapshot holds writes up to LSN {snapshot_lsn} but the WAL in {wal_dir} "
                 f"starts above LSN {snapshot_lsn + 1}: the WAL does not belong to this "
                 "snapshot, or segments are missing")
-        if end.rc == lib.WAL_ECORRUPT and mode == "point_in_time":
-            truncated = _cut(wal_dir, end, read_only, "corruption")
+        if end.rc in (lib.WAL_ECORRUPT, lib.WAL_ESHORT) and mode == "point_in_time":
+            truncated = _cut(wal_dir, end, read_only, why)
         else:
             end.raise_error("recovering the write-ahead log")
     elif end.status == "torn":
@@ -128,19 +131,63 @@ def replay(wal_dir: str, *, system_id: int, snapshot_lsn: int, mode: str,
               "wal_bytes_read": end.bytes_read, "end_hint": end.end_hint,
               "clean_shutdown": last_type == codec.SHUTDOWN and not truncated,
               "stopped_at": None if end.status == "clean" else
-              {"path": end.path, "offset": end.offset, "lsn": end.expected_lsn}}
+              {"path": end.cut_path, "offset": end.offset, "lsn": end.expected_lsn,
+               "why": why}}
     log.info("recovery: replayed %d records (%d bytes) up to LSN %d in %.3f s; cut %d bytes",
              records, nbytes, last, seconds, truncated)
     return Recovered(table, last, report, end)
 
 
+def _log_state(wal_dir: str, snapshot: Any) -> tuple:
+    """What a concurrent writer changes under a read-only replay: the snapshot's
+    checkpoint and fold metadata, the segment names and wal/LAST."""
+    try:
+        names = tuple(sorted(os.listdir(wal_dir)))
+    except OSError:
+        names = ()
+    try:
+        with open(os.path.join(wal_dir, "LAST"), "rb") as f:
+            last = f.read(64)
+    except OSError:
+        last = b""
+    cp, fold = snapshot.meta_state()
+    return (json.dumps(cp, sort_keys=True), json.dumps(fold, sort_keys=True), names, last)
+
+
+def replay_read_only(wal_dir: str, snapshot: Any, *, system_id: int,
+                     mode: str) -> tuple[dict, Recovered]:
+    """replay() for a read-only open beside a writer that may checkpoint meanwhile:
+    a segment removed under the replay (FileNotFoundError, a gap, a segment
+    that wal/LAST names not yet listed) is retried from the snapshot's new
+    checkpoint, as long as something moved since the attempt began; an error
+    on a log nobody changed is the log's. Returns (checkpoint metadata, what
+    was recovered); the snapshot then serves this view only (Snapshot.set_view).
+    """
+    for attempt in range(20):
+        before = _log_state(wal_dir, snapshot)
+        meta = snapshot.check_meta(system_id)
+        try:
+            rec = replay(wal_dir, system_id=system_id, snapshot_lsn=int(meta["lsn"]), mode=mode,
+                         read_only=True)
+        except (OSError, CorruptionError, MismatchError) as exc:
+            if _log_state(wal_dir, snapshot) == before:
+                raise
+            log.info("read-only recovery: the log changed under the replay (%s); again "
+                     "(attempt %d)", exc, attempt + 2)
+            continue
+        snapshot.set_view(rec.last_lsn)
+        return meta, rec
+    raise WalStateError(f"read-only open of {wal_dir}: a writer kept removing segments under "
+                        "the replay; retry")
+
+
 def _cut(wal_dir: str, end: LogEnd, read_only: bool, what: str) -> int:
     if read_only:
         log.warning("recovery (read-only): would cut %s in %s at offset %d (%d bytes)", what,
-                    end.path, end.offset, end.cut_bytes)
+                    end.cut_path, end.offset, end.cut_bytes)
         return end.cut_bytes
     n = cut(wal_dir, end.segment, end.offset)
     _hooks.hit("recovery_after_cut")
     log.warning("recovery: cut %s in %s at offset %d: %d bytes kept in .broken file(s)", what,
-                end.path, end.offset, n)
+                end.cut_path, end.offset, n)
     return n

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import lmdb
 
+from .codec import MAX_KEY
 from .errors import (
     ConfigError,
     CorruptionError,
@@ -29,6 +30,7 @@ from .errors import (
     EngineFailedError,
     LockedError,
     MismatchError,
+    StaleReadError,
     WalStateError,
 )
 from .layout import FORMAT_VERSION, SNAPSHOT_DATA, SNAPSHOT_LOCK, fsync_dir
@@ -229,6 +231,8 @@ class Snapshot:
         process's writer reads through the writer's)."""
         self.path = path
         self.read_only = read_only
+        self.view_lsn: int | None = None  # set_view
+        self._view_ok: tuple[bytes | None, bytes | None] | None = None
         data_file = os.path.join(path, SNAPSHOT_DATA)
         if not create and not os.path.exists(data_file):
             raise CorruptionError(f"the snapshot {data_file} is missing: the directory was "
@@ -255,6 +259,15 @@ class Snapshot:
                     _allocate_lock_file(path)
                 try:
                     env = _open_env(path, map_size, read_only, create)
+                except (lmdb.MemoryError, lmdb.InvalidParameterError) as exc:
+                    # mmap's ENOMEM/EINVAL: the map does not fit this machine's
+                    # address space (or limits); nothing is wrong with the files
+                    raise ConfigError("map_size", f"{map_size} bytes: the snapshot {path} "
+                                      f"cannot be mapped that large on this machine ({exc}); "
+                                      "choose a smaller map_size") from None
+                except lmdb.Error as exc:
+                    raise self._translate(exc, "opening the snapshot", opening=True) from None
+                try:
                     _check_size(env, data_file)
                     sh = _SharedEnv(env, locked=not read_only, writable=not read_only)
                 except lmdb.MemoryError as exc:
@@ -315,9 +328,87 @@ class Snapshot:
     # ---- metadata --------------------------------------------------------
     def meta(self) -> dict | None:
         """The last complete checkpoint's metadata (checksum verified), or None."""
-        with self.env.begin(db=self.metadb) as txn:
-            raw = txn.get(META_CHECKPOINT)
-        return None if raw is None else decode_meta(raw, self.path)
+        return self._meta(META_CHECKPOINT)
+
+    def _meta(self, name: bytes) -> dict | None:
+        return self.meta_state((name,))[0]
+
+    def meta_state(self, names: tuple[bytes, ...] = (META_CHECKPOINT, META_FOLD)
+                   ) -> tuple[dict | None, ...]:
+        """The metadata entries ``names`` (checksums verified) as one read sees them."""
+        for _ in range(100):
+            tid = None
+            try:
+                with self.env.begin(db=self.metadb) as txn:
+                    tid = txn.id()
+                    raw = tuple(txn.get(n) for n in names)
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+                continue
+            except lmdb.Error as exc:
+                if self._recycled(tid):
+                    continue
+                raise self._translate(exc, "reading the snapshot metadata") from None
+            if not self._recycled(tid):
+                return tuple(None if r is None else decode_meta(r, self.path) for r in raw)
+        raise WalStateError(f"read-only read of {self.path}: the writer kept recycling pages "
+                            "under the read; retry")
+
+    def _recycled(self, tid: int | None) -> bool:
+        """True if a read by transaction ``tid`` may have seen pages a writer in
+        another process recycled (no lock file: see __init__); such a read,
+        failed or not, is retried. False for an environment with a lock file."""
+        if not self._validate:
+            return False
+        return tid is None or not self._still_valid(tid)
+
+    # ---- the view of a read-only engine ------------------------------------
+    def set_view(self, lsn: int) -> None:
+        """Serves reads only as of WAL position ``lsn``: a read-only engine holds the
+        WAL replayed up to ``lsn`` in memory, which shadows every key written
+        after the snapshot's checkpoint up to there; so a value read here belongs
+        to the state at ``lsn`` exactly while the snapshot holds nothing written
+        after it (its checkpoint LSN, and a fold in progress, at or below
+        ``lsn``). Once a writer's checkpoint folds later writes, reads raise
+        StaleReadError instead of mixing two states."""
+        self.view_lsn = lsn
+        self._view_ok = None
+
+    def _view_verdict(self, txn: lmdb.Transaction) -> Exception | None:
+        """None if what ``txn`` reads belongs to the view (set_view), else the
+        error to raise -- once the read is known valid (the bytes of a recycled
+        page are not to be judged)."""
+        raw = (txn.get(META_CHECKPOINT, db=self.metadb), txn.get(META_FOLD, db=self.metadb))
+        if raw == self._view_ok:
+            return None
+        try:
+            upto = 0
+            if raw[0] is not None:
+                upto = int(decode_meta(raw[0], self.path).get("lsn", 0))
+            fold = decode_meta(raw[1], self.path) if raw[1] is not None else {}
+            if fold:
+                upto = max(upto, int(fold.get("to_lsn", 0)))
+        except (CorruptionError, TypeError, ValueError) as exc:
+            return exc
+        assert self.view_lsn is not None
+        if upto > self.view_lsn:
+            return StaleReadError(
+                f"read-only view of {self.path} at LSN {self.view_lsn} fell behind: a writer's "
+                f"checkpoint folded writes up to LSN {upto} into the snapshot, so the older "
+                "values this view needs are gone; reopen it to read a newer state")
+        self._view_ok = raw
+        return None
+
+    def _adopt_map_size(self) -> None:
+        """A writer in another process grew the map (LMDB's MDB_MAP_RESIZED): adopt
+        its size, once no read of this process is in progress."""
+        with self._sh.quiesced(lambda: WalStateError(
+                f"following the snapshot map's growth ({self.path}): reads in progress did "
+                "not finish within 10 s; retry")):
+            try:
+                self.env.set_mapsize(0)
+            except lmdb.Error as exc:
+                raise self._translate(exc, "following the snapshot map's growth") from None
 
     def check_meta(self, system_id: int) -> dict:
         meta = self.meta()
@@ -353,7 +444,7 @@ class Snapshot:
     def get(self, key: bytes) -> bytes | None:
         """The value of ``key`` in the snapshot, or None."""
         sh = self._sh
-        if self._validate:
+        if self._validate or self.view_lsn is not None:
             return self._get_validated(key)
         mu = sh.rtxn_mu
         if mu.acquire(False):  # else another thread reads through it: a txn of our own
@@ -383,16 +474,33 @@ class Snapshot:
         return self.env.info()["last_txnid"] <= txnid + 1
 
     def _get_validated(self, key: bytes) -> bytes | None:
+        """get() in a read transaction of its own, checked: against page recycling
+        (no lock file) and against the view (set_view)."""
+        view = self.view_lsn is not None
         for _ in range(100):
             tok = self.enter()
+            bad = None
+            tid = None
+            resized = False
             try:
                 with self.env.begin(db=self.data) as txn:
                     tid = txn.id()
                     value = txn.get(key)
-                valid = self._still_valid(tid)
+                    if view:
+                        bad = self._view_verdict(txn)
+            except lmdb.MapResizedError:
+                resized = True
+            except lmdb.Error as exc:
+                if not self._recycled(tid):
+                    raise self._translate(exc, "reading the snapshot") from None
+                tid = None
             finally:
                 self.leave(tok)
-            if valid:
+            if resized:
+                self._adopt_map_size()
+            elif not self._recycled(tid):
+                if bad is not None:
+                    raise bad
                 return value
         raise WalStateError(f"read-only read of {self.path}: the writer kept recycling pages "
                             "under the read; retry")
@@ -417,8 +525,11 @@ class Snapshot:
 
     def _read_chunk(self, start: bytes | None, after: bytes | None, stop: bytes | None,
                     n: int) -> list[tuple[bytes, bytes]]:
+        view = self.view_lsn is not None
         for _ in range(100):
             tok = self.enter()
+            bad = None
+            tid = None
             try:
                 with self.env.begin(db=self.data, buffers=False) as txn:
                     tid = txn.id()
@@ -427,8 +538,14 @@ class Snapshot:
                         ok = cur.set_range(after)
                         if ok and cur.key() == after:
                             ok = cur.next()
+                    elif start:
+                        # a bound may be longer than any key (LMDB seeks to keys
+                        # only): seek to its prefix, skip what sorts before it
+                        ok = cur.set_range(start[:MAX_KEY])
+                        while ok and cur.key() < start:
+                            ok = cur.next()
                     else:
-                        ok = cur.set_range(start) if start is not None else cur.first()
+                        ok = cur.first()
                     rows = []
                     while ok and len(rows) < n:
                         k = cur.key()
@@ -436,18 +553,33 @@ class Snapshot:
                             break
                         rows.append((k, cur.value()))
                         ok = cur.next()
+                    if view:
+                        bad = self._view_verdict(txn)
+            except lmdb.MapResizedError:
+                self.leave(tok)
+                self._adopt_map_size()
+                continue
             except lmdb.Error as exc:
+                if self._recycled(tid):
+                    continue
                 raise self._translate(exc, "reading the snapshot") from None
             finally:
                 self.leave(tok)
-            if not self._validate or self._still_valid(tid):
+            if not self._recycled(tid):
+                if bad is not None:
+                    raise bad
                 return rows
         raise WalStateError(f"read-only scan of {self.path}: a writer in another process "
                             "kept recycling pages under the scan; run it again")
 
     def entries(self) -> int:
-        with self.env.begin(db=self.data) as txn:
-            return txn.stat(self.data)["entries"]
+        for _ in range(100):
+            try:
+                with self.env.begin(db=self.data) as txn:
+                    return txn.stat(self.data)["entries"]
+            except lmdb.MapResizedError:
+                self._adopt_map_size()
+        raise WalStateError(f"counting the keys of {self.path}: the map kept growing; retry")
 
     def size_bytes(self) -> int:
         """Bytes of the snapshot file in use (pages up to the last one)."""

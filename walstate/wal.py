@@ -243,6 +243,44 @@ class LogEnd:
         return (self.status == "error" and self.rc == lib.WAL_ECORRUPT and bool(self.path)
                 and self.path.endswith(SEGMENT_SUFFIX) and not os.path.exists(self.path))
 
+    @property
+    def bad_last(self) -> bool:
+        """True if the log ends in an unreadable wal/LAST."""
+        return (self.status == "error" and self.rc == lib.WAL_ECORRUPT
+                and os.path.basename(self.path) == "LAST")
+
+    @property
+    def cut_path(self) -> str:
+        """The segment file where reading stopped (``path`` may name another file:
+        a missing newest segment, wal/LAST)."""
+        if not self.path or not self.segment:
+            return self.path
+        return os.path.join(os.path.dirname(self.path), segment_name(self.segment))
+
+    def describe(self) -> str:
+        """What ended the log, in words."""
+        if self.status == "clean":
+            return f"clean end after LSN {self.last_lsn}"
+        if self.status == "torn":
+            return f"torn tail at offset {self.offset} ({self.cut_bytes} bytes)"
+        if self.missing_segment:
+            return (f"the newest WAL segment {os.path.basename(self.path)} is missing (wal/LAST "
+                    f"says it was created); the segments on disk end after LSN {self.last_lsn}")
+        if self.bad_last:
+            return (f"wal/LAST is unreadable, so the end of the log cannot be checked; the "
+                    f"segments on disk end after LSN {self.last_lsn}")
+        if self.rc == lib.WAL_ESHORT:
+            try:
+                size = os.path.getsize(self.cut_path)
+            except OSError:
+                size = -1
+            return (f"the newest WAL segment {os.path.basename(self.cut_path)} is cut short: "
+                    f"{size} bytes, less than the size its header records (a partial copy or "
+                    f"a truncate; a crash cannot do this): its records end after LSN "
+                    f"{self.last_lsn} and later ones may be missing")
+        return (f"corruption in {os.path.basename(self.cut_path)} at offset {self.offset}, "
+                f"expected LSN {self.expected_lsn}")
+
     def raise_error(self, what: str = "reading the write-ahead log") -> None:
         """Raise the exception for an "error" end (nothing otherwise)."""
         if self.status != "error":
@@ -251,7 +289,14 @@ class LogEnd:
             raise CorruptionError(
                 f"{what}: the newest WAL segment {self.path} is missing (wal/LAST says it "
                 "was created; deleted, or lost in a copy or restore?): the writes it held "
-                "cannot be recovered", path=self.path, offset=0, lsn=self.expected_lsn or None)
+                "cannot be recovered (recovery='point_in_time' keeps the log up to LSN "
+                f"{self.last_lsn})", path=self.path, offset=0,
+                lsn=self.expected_lsn or None)
+        if self.bad_last or self.rc == lib.WAL_ESHORT:
+            raise CorruptionError(
+                f"{what}: {self.describe()} (recovery='point_in_time' keeps the log up to "
+                f"LSN {self.last_lsn})", path=self.path, offset=self.offset,
+                lsn=self.expected_lsn or None)
         extra = ""
         if self.rc == lib.WAL_EMISMATCH:
             extra = f"; it has system_id {self.found_system_id}"

@@ -16,10 +16,13 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 from conftest import corrupt
+from enginehelpers import child_env
 
 import walstate
 from walstate.layout import not_files
@@ -83,7 +86,7 @@ def _moved(path: str, src: str, p: str) -> str:
 
 # ---- the tail --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("how", ["zero", "garbage", "truncate"])
+@pytest.mark.parametrize("how", ["zero", "garbage"])
 def test_torn_last_record_at_every_byte_is_cut_and_the_rest_kept(crashed, tmp_path, how):
     src, recs, states = crashed
     _lsn, seg, off, size = recs[-1]
@@ -92,9 +95,7 @@ def test_torn_last_record_at_every_byte_is_cut_and_the_rest_kept(crashed, tmp_pa
         path = _copy(src, str(tmp_path), "t")
         p = _moved(path, src, seg)
         end = off + size
-        if how == "truncate":
-            corrupt(p, cut, "truncate")
-        elif how == "zero":
+        if how == "zero":
             corrupt(p, cut, "zero", n=end - cut)
         else:
             corrupt(p, cut, "garbage", n=end - cut, seed=cut)
@@ -111,6 +112,43 @@ def test_torn_last_record_at_every_byte_is_cut_and_the_rest_kept(crashed, tmp_pa
     assert counts["states"] == size
     if how == "garbage":
         assert counts["cut"] == size
+
+
+def test_newest_segment_cut_short_is_damage_not_a_clean_end(crashed, tmp_path):
+    """The newest segment truncated (a partial copy, a truncate) at every record
+    boundary of its last records and inside the last one: segments are
+    preallocated to the size their header records, so no crash leaves this.
+    strict and tolerate_tail refuse it (CorruptionError), `verify` exits 1, and
+    point_in_time keeps every record before the cut, gives the segment its size
+    back, and later opens in strict mode see the same state."""
+    src, recs, states = crashed
+    last_seg = recs[-1][1]
+    idx = [i for i, r in enumerate(recs) if r[1] == last_seg]
+    _lsn, _seg, off, size = recs[-1]
+    cuts = [(recs[i][2], i) for i in idx[-6:]] + [(off + size, len(recs))]
+    cuts += [(off + k, len(recs) - 1) for k in (1, 27, 28, size - 1)]
+    counts: Counter = Counter()
+    for at, kept in cuts:
+        path = _copy(src, str(tmp_path), "s")
+        p = _moved(path, src, last_seg)
+        full = os.path.getsize(p)
+        corrupt(p, at, "truncate")
+        for mode in ("strict", "tolerate_tail"):
+            with pytest.raises(walstate.CorruptionError, match="cut short"):
+                walstate.open(path, recovery=mode, **OPTS)
+        r = subprocess.run([sys.executable, "-m", "walstate.ops.cli", "verify", path],
+                           capture_output=True, text=True, env=child_env())
+        assert r.returncode == 1 and "cut short" in r.stdout, r.stdout
+        assert os.path.getsize(p) == at  # refusing changed nothing
+        with walstate.open(path, recovery="point_in_time", **OPTS) as db:
+            assert items(db) == states[kept], (at, kept)
+            assert "cut short" in db.info()["recovery"]["stopped_at"]["why"]
+        assert not os.path.exists(p) or os.path.getsize(p) == full
+        with walstate.open(path, recovery="strict", **OPTS) as db:
+            assert items(db) == states[kept]
+        counts["kept-prefix"] += 1
+    print(dict(counts))
+    assert counts["kept-prefix"] == len(cuts)
 
 
 def test_zero_tail_after_any_record_opens_with_that_prefix(crashed, tmp_path):

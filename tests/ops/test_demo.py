@@ -41,6 +41,23 @@ def test_demo_with_crashes_verifies_and_exits_0(tmp_path):
     assert "\r" not in out and "100%" in out
 
 
+def test_demo_pool_stage_kills_workers_and_the_engine_and_verifies(tmp_path):
+    proc = run_demo("--tasks", "50", "--crashes", "2", "--seed", "5", "--pool-items", "900",
+                    "--dir", str(tmp_path / "db"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout.split("\npool: ", 1)[1]
+    assert "3 worker processes" in out
+    assert "SIGKILL worker" in out or "SIGKILL the engine's process" in out
+    assert "pool verification passed: all 900 items SUCCESS" in out
+
+
+def test_demo_no_pool_skips_the_pool_stage(tmp_path):
+    proc = run_demo("--tasks", "20", "--crashes", "1", "--seed", "1", "--no-pool",
+                    "--dir", str(tmp_path / "db"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "\npool: " not in proc.stdout
+
+
 def test_demo_removes_its_temporary_directory(tmp_path):
     proc = run_demo("--tasks", "20", "--crashes", "1", "--seed", "1",
                     env_extra={"TMPDIR": str(tmp_path)})

@@ -214,7 +214,7 @@ def test_repair_on_directory_locked_by_live_process(tmp_path: Path) -> None:
 
 # ---- doctor -------------------------------------------------------------------
 DOCTOR_CHECKS = ["path", "writable", "free_space", "filesystem", "lock", "lmdb_map",
-                 "broken_files", "wal", "archive"]
+                 "broken_files", "wal", "open", "archive"]
 
 
 def test_doctor_clean_directory(tmp_path: Path, capsys) -> None:

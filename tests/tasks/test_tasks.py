@@ -148,7 +148,7 @@ def test_every_transition_is_one_wal_record(db, tasks):
         lambda: tasks.fail("t2", error="e"),
         lambda: tasks.create("t3"),
         lambda: tasks.start("t3"),
-        lambda: tasks.recover(),
+        lambda: tasks.recover(stale_after=0),
     ]
     for step in steps:
         before = wal_records(db)
@@ -370,8 +370,9 @@ def test_recover_moves_running_back_to_pending_keeping_payload_and_attempts(task
     tasks.create("running2")
     tasks.start("running2")
     before = {t.task_id: t for t in tasks.list()}
+    assert tasks.recover() == []  # their owner (this store) is alive: left alone
 
-    recovered = tasks.recover()
+    recovered = tasks.recover(stale_after=0)  # "no worker is left": every RUNNING one
 
     assert [t.task_id for t in recovered] == ["running", "running2"]
     for state in recovered:
@@ -391,7 +392,7 @@ def test_recovered_task_resumes_and_counts_a_second_attempt(tasks):
     tasks.create("t1")
     tasks.start("t1")
     tasks.progress("t1", payload=b"step-3")
-    tasks.recover()
+    tasks.recover(stale_after=0)
     state = tasks.start("t1")
     assert (state.status, state.payload, state.attempts) == (Status.RUNNING, b"step-3", 2)
 
@@ -592,12 +593,23 @@ IDS = st.sampled_from(["a", "b", "c", "a\x00", "é", "z" * 40])
 PAYLOADS = st.binary(max_size=64)
 
 
+def scan_counts(db):
+    """Counts by status from a scan of every record (what counts() must equal)."""
+    counts = dict.fromkeys(Status, 0)
+    for t in TaskStore(db).list():
+        counts[t.status] += 1
+    return counts
+
+
 class TaskMachine(RuleBasedStateMachine):
     """Random transitions, legal or not; crash (abandon) and reopen between them.
 
     Under sync="always" every transition that returned is durable, so after a
-    crash the store equals the model, and recover() moves exactly the model's
-    RUNNING tasks back to PENDING.
+    crash the store equals the model; counts() (counters kept in each
+    transition's record) equals a scan and the model after every step;
+    recover() moves exactly the model's RUNNING tasks whose owner is gone
+    (started before the last reopen) back to PENDING, and recover(stale_after=0)
+    every RUNNING one.
     """
 
     def __init__(self) -> None:
@@ -608,6 +620,7 @@ class TaskMachine(RuleBasedStateMachine):
                                 max_wal_size=64 * 1024)
         self.tasks = TaskStore(self.db)
         self.model: dict[str, tuple[Status, int, bytes, str | None]] = {}
+        self.mine: set[str] = set()  # RUNNING tasks started by the current store
 
     def teardown(self) -> None:
         try:
@@ -635,10 +648,22 @@ class TaskMachine(RuleBasedStateMachine):
         self.attempt(tid, None, lambda: self.tasks.create(tid, payload=payload),
                      lambda old: (Status.PENDING, 0, payload, None))
 
+    @rule(tids=st.lists(IDS, max_size=4), payload=PAYLOADS)
+    def create_many(self, tids, payload):
+        before = wal_records(self.db)
+        fresh = list(dict.fromkeys(t for t in tids if t not in self.model))
+        created = self.tasks.create_many(tids, payload=payload)
+        assert [t.task_id for t in created] == fresh
+        for tid in fresh:
+            self.model[tid] = (Status.PENDING, 0, payload, None)
+        assert wal_records(self.db) == before + (1 if fresh else 0)
+
     @rule(tid=IDS)
     def start(self, tid):
         self.attempt(tid, Status.PENDING, lambda: self.tasks.start(tid),
                      lambda old: (Status.RUNNING, old[1] + 1, old[2], None))
+        if self.model.get(tid, (None,))[0] is Status.RUNNING:
+            self.mine.add(tid)
 
     @rule(tid=IDS, payload=PAYLOADS)
     def progress(self, tid, payload):
@@ -656,12 +681,32 @@ class TaskMachine(RuleBasedStateMachine):
         self.attempt(tid, Status.RUNNING, lambda: self.tasks.fail(tid, error=error),
                      lambda old: (Status.FAILED, old[1], old[2], error))
 
-    @rule()
-    def recover(self):
-        running = sorted(tid for tid, m in self.model.items() if m[0] is Status.RUNNING)
-        assert [t.task_id for t in self.tasks.recover()] == running
+    @rule(tid=IDS)
+    def retry(self, tid):
+        self.attempt(tid, Status.FAILED, lambda: self.tasks.retry(tid),
+                     lambda old: (Status.PENDING, old[1], old[2], None))
+
+    @rule(tid=IDS)
+    def release(self, tid):
+        self.attempt(tid, Status.RUNNING, lambda: self.tasks.release(tid),
+                     lambda old: (Status.PENDING, *old[1:]))
+
+    @rule(everything=st.booleans())
+    def recover(self, everything):
+        running = sorted(tid for tid, m in self.model.items() if m[0] is Status.RUNNING
+                         and (everything or tid not in self.mine))
+        got = self.tasks.recover(stale_after=0) if everything else self.tasks.recover()
+        assert [t.task_id for t in got] == running
         for tid in running:
             self.model[tid] = (Status.PENDING, *self.model[tid][1:])
+
+    @rule(status=st.sampled_from([None, Status.SUCCESS, Status.FAILED]))
+    def purge(self, status):
+        gone = [tid for tid, m in self.model.items()
+                if m[0] in ((Status.SUCCESS, Status.FAILED) if status is None else (status,))]
+        assert self.tasks.purge(status, batch_size=2) == len(gone)
+        for tid in gone:
+            del self.model[tid]
 
     @rule(crash=st.booleans())
     def reopen(self, crash):
@@ -672,6 +717,7 @@ class TaskMachine(RuleBasedStateMachine):
         self.db = walstate.open(self.path, sync="always", segment_size=64 * 1024,
                                 max_wal_size=64 * 1024)
         self.tasks = TaskStore(self.db)
+        self.mine = set()
 
     @rule()
     def checkpoint(self):
@@ -688,7 +734,15 @@ class TaskMachine(RuleBasedStateMachine):
                 tid for tid, m in self.model.items() if m[0] is status)
         # One record and one index entry per task: no stale index entry left behind.
         stop = KEY_PREFIX[:-1] + bytes((KEY_PREFIX[-1] + 1,))
-        assert len(list(self.db.items(KEY_PREFIX, stop))) == 2 * len(self.model)
+        keys = [k for k, _ in self.db.items(KEY_PREFIX, stop)]
+        assert sum(k[len(KEY_PREFIX):][:1] in (b"r", b"s") for k in keys) == 2 * len(self.model)
+
+    @invariant()
+    def counts_equal_a_scan(self):
+        model = dict.fromkeys(Status, 0)
+        for m in self.model.values():
+            model[m[0]] += 1
+        assert self.tasks.counts() == scan_counts(self.db) == model
 
 
 TaskMachine.TestCase.settings = settings(

@@ -130,6 +130,10 @@ def test_bad_arguments_raise_value_error(wal_dir) -> None:
 # ---- torn tails ---------------------------------------------------------------
 
 def test_truncated_last_record_at_every_offset_recovers_prefix(wal_dir) -> None:
+    """Zeros after the last record at every byte: a torn tail or a clean end. The
+    same bytes with the file cut short there instead (a truncate, a partial copy:
+    no crash makes a segment shorter than its header's size) are damage: the
+    records before are read, and the end says the segment is cut short."""
     written = build_wal(wal_dir, 4, size=40, sync="each")
     path = wal_dir / segment_name(1)
     pristine = path.read_bytes()
@@ -144,7 +148,12 @@ def test_truncated_last_record_at_every_offset_recovers_prefix(wal_dir) -> None:
             path.write_bytes(data)
             got, end, _ = read_wal(wal_dir)
             ctx = (k, mode, end)
-            if k == reclen:
+            if mode == "truncate":
+                assert got == (written if k == reclen else written[:3]), ctx
+                assert end.status == "error" and end.rc == lib.WAL_ESHORT, ctx
+                assert end.offset == (start + reclen if k == reclen else start), ctx
+                assert end.segment == 1 and end.path == str(path), ctx
+            elif k == reclen:
                 assert got == written and end.status == "clean", ctx
             elif any(kept):
                 assert got == written[:3], ctx

@@ -53,6 +53,49 @@ def _require_dir(path: str) -> Layout:
     return lay
 
 
+def _require_database(path: str) -> Layout:
+    """The layout of an existing walstate directory: maintenance commands never
+    create a database (nor finish a creation that was cut short)."""
+    lay = _require_dir(path)
+    if read_marker(lay) is None:
+        raise FileNotFoundError(2, f"not a walstate directory (no {os.path.basename(lay.marker)} "
+                                "marker); this command never creates a database", lay.root)
+    return lay
+
+
+# ---- argument types (a bad value is a usage error: exit 2) --------------------
+U64_MAX = (1 << 64) - 1
+RECORD_TYPES = ("PUT", "DELETE", "BATCH", "SESSION", "SHUTDOWN")
+
+
+def _lsn(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an LSN (an integer): {text!r}") from None
+    if not 0 <= n <= U64_MAX:
+        raise argparse.ArgumentTypeError(f"an LSN is 0..{U64_MAX}, not {text}")
+    return n
+
+
+def _record_type(text: str) -> str:
+    name = text.upper()
+    if name not in RECORD_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown record type {text!r} (the types: "
+                                         f"{', '.join(RECORD_TYPES)})")
+    return name
+
+
+def _byte_size(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size in bytes (an integer): {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"a size in bytes must be > 0, not {text}")
+    return n
+
+
 # ---- info -------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     import walstate
@@ -126,6 +169,11 @@ def _describe(rtype: int, payload: bytes) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _key_text(k: bytes) -> str:
+    from ..tasks import describe_key
+
+    task = describe_key(k)
+    if task is not None:
+        return task
     try:
         s = k.decode()
         if s.isprintable():
@@ -138,7 +186,7 @@ def _key_text(k: bytes) -> str:
 def cmd_dump(args: argparse.Namespace) -> int:
     lay = _require_dir(args.dir)
     marker = read_marker(lay) or {}
-    types = {t.upper() for t in args.type} if args.type else None
+    types = set(args.type) if args.type else None
     prefix = args.key_prefix.encode() if args.key_prefix is not None else None
     with WalReader(lay.wal, int(marker.get("system_id", 0)), args.from_lsn) as r:
         for rec in r:
@@ -153,7 +201,8 @@ def cmd_dump(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json({"lsn": rec.lsn, "type": name, "segment": rec.segment,
                              "offset": rec.offset, "size": len(rec.payload),
-                             "ops": [{**o, "key": o["key"].hex()} if "key" in o else o
+                             "ops": [{**o, "key": o["key"].hex(), "key_text": _key_text(o["key"])}
+                                     if "key" in o else o
                                      for o in ops]})
             else:
                 if rec.type == codec.BATCH:
@@ -181,7 +230,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
 
 
 def _end_text(end: Any) -> str:
-    from .._native import strerror
+    from .._native import lib, strerror
 
     if end.status == "clean":
         return f"clean end after LSN {end.last_lsn}"
@@ -190,6 +239,8 @@ def _end_text(end: Any) -> str:
                 f"LSN {end.last_lsn}; recovery cuts it)")
     if end.missing_segment:
         return f"the newest segment {end.path} is missing (wal/LAST says it was created)"
+    if end.bad_last or end.rc == lib.WAL_ESHORT:
+        return end.describe()
     return (f"{strerror(end.rc)}: {end.path or '(no segment)'} at offset {end.offset}, "
             f"expected LSN {end.expected_lsn}")
 
@@ -197,6 +248,7 @@ def _end_text(end: Any) -> str:
 # ---- verify -----------------------------------------------------------------
 def verify(path: str, progress: Progress | None = None) -> list[str]:
     """Every problem found in the directory at ``path`` (empty: clean)."""
+    from .._opening import check_marker
     from ..errors import CorruptionError, MismatchError
     from ..snapshot import Snapshot
 
@@ -208,6 +260,10 @@ def verify(path: str, progress: Progress | None = None) -> list[str]:
         return [str(exc)]
     if marker is None:
         return [f"{lay.marker}: creation marker missing (not a walstate directory?)"]
+    try:
+        check_marker(lay, marker)
+    except MismatchError as exc:
+        return [str(exc)]
     system_id = int(marker["system_id"])
     snap_lsn = None
     try:
@@ -243,6 +299,13 @@ def verify(path: str, progress: Progress | None = None) -> list[str]:
         if snap_lsn is not None and segs[0][0] > snap_lsn + 1:
             problems.append(f"WAL: starts at LSN {segs[0][0]} but the snapshot holds writes "
                             f"only up to LSN {snap_lsn} (gap)")
+    if not problems:  # what the files say, open must agree with (read-only: changes nothing)
+        import walstate
+
+        try:
+            walstate.open(lay.root, read_only=True).close()
+        except (WalStateError, OSError) as exc:
+            problems.append(f"open refuses the directory: {exc}")
     return problems
 
 
@@ -262,7 +325,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     import walstate
 
-    lay = _require_dir(args.dir)
+    lay = _require_database(args.dir)
     info = None
     if not lock_is_held(lay):
         try:
@@ -487,6 +550,138 @@ def cmd_archive(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tasks ------------------------------------------------------------------
+def cmd_tasks(args: argparse.Namespace) -> int:
+    """Counts by status, a list, one task, or retry of FAILED tasks. Read-only
+    (beside a running writer) except ``retry``, which opens DIR for writing."""
+    import time
+
+    import walstate
+
+    from ..tasks import Status, TaskStore, decode_payload
+
+    lay = _require_dir(args.dir)
+    status = None
+    if args.status is not None:
+        try:
+            status = Status[args.status.upper()]
+        except KeyError:
+            print(f"walstate tasks: --status must be one of "
+                  f"{', '.join(s.name for s in Status)}, not {args.status!r}", file=sys.stderr)
+            return 2
+    if args.action in ("counts", "list") and args.ids:
+        print(f"walstate tasks {args.action}: takes no task ids", file=sys.stderr)
+        return 2
+    if args.action == "show" and len(args.ids) != 1:
+        print("walstate tasks show: give exactly one task id", file=sys.stderr)
+        return 2
+    if args.action == "retry" and not args.ids and not args.all:
+        print("walstate tasks retry: give task ids, or --all for every FAILED task",
+              file=sys.stderr)
+        return 2
+
+    def payload_view(state: Any, raw: bytes, cid: int) -> Any:
+        if cid and not args.raw:
+            try:
+                obj = decode_payload(raw, cid)
+            except Exception as exc:  # noqa: BLE001 - shown, not fatal
+                return {"codec": ("json", "pickle")[cid - 1], "undecodable": str(exc)}
+            if cid == 1:
+                return {"codec": "json", "value": obj}
+            return {"codec": "pickle", "repr": repr(obj)}
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = None
+        return {"codec": "bytes", "size": len(raw), "text": text, "hex": raw.hex()}
+
+    def as_dict(tasks: TaskStore, state: Any) -> dict[str, Any]:
+        from ..tasks import _decode_rec, _id_bytes, _record_key
+
+        rec = _decode_rec(state.task_id, tasks._db.get(_record_key(_id_bytes(state.task_id))))
+        out = {"task_id": state.task_id, "status": state.status.name,
+               "attempts": state.attempts, "updated_at": state.updated_at,
+               "error": state.error, "payload": payload_view(state, rec.payload, rec.codec),
+               "owner": None}
+        if state.owner is not None:
+            out["owner"] = {"token": state.owner, **(tasks.owner_info(state.owner) or {})}
+        return out
+
+    if args.action == "retry":
+        done, refused = [], []
+        with walstate.open(lay.root) as db:
+            tasks = TaskStore(db)
+            ids = args.ids or [t.task_id for t in tasks.list(status=Status.FAILED)]
+            for task_id in ids:
+                try:
+                    tasks.retry(task_id)
+                    done.append(task_id)
+                except KeyError:
+                    refused.append((task_id, "no such task"))
+                except walstate.InvalidTransitionError as exc:
+                    refused.append((task_id, str(exc)))
+        if args.json:
+            _print_json({"retried": done, "refused": dict(refused)})
+        else:
+            for task_id in done:
+                print(f"retried {task_id}")
+            for task_id, why in refused:
+                print(f"not retried {task_id}: {why}", file=sys.stderr)
+        return 1 if refused else 0
+
+    with walstate.open(lay.root, read_only=True) as db:
+        tasks = TaskStore(db)  # payloads stay bytes: payload_view decodes (or not, --raw)
+        if args.action == "counts":
+            counts = {s.name: n for s, n in tasks.counts().items()}
+            if status is not None:
+                counts = {status.name: counts[status.name]}
+            if args.json:
+                _print_json(counts)
+            else:
+                for name, n in counts.items():
+                    print(f"{name:<8} {n}")
+                if status is None:
+                    print(f"{'total':<8} {sum(counts.values())}")
+            return 0
+        if args.action == "list":
+            shown = 0
+            for state in tasks.list(status=status):
+                if args.limit is not None and shown >= args.limit:
+                    break
+                shown += 1
+                if args.json:
+                    _print_json(as_dict(tasks, state))
+                    continue
+                age = time.time() - state.updated_at
+                error = "" if state.error is None else f"  error: {state.error.splitlines()[0]}"
+                print(f"{state.status.name:<8} {state.task_id}  attempts {state.attempts}  "
+                      f"updated {age:.0f} s ago{error}")
+            return 0
+        state = tasks.get(args.ids[0])
+        if state is None:
+            print(f"walstate tasks show: no task {args.ids[0]!r} in {lay.root}", file=sys.stderr)
+            return 1
+        info = as_dict(tasks, state)
+    if args.json:
+        _print_json(info)
+        return 0
+    for name in ("task_id", "status", "attempts", "updated_at", "error"):
+        print(f"{name:<10}  {info[name]}")
+    pv = info["payload"]
+    if pv["codec"] == "json":
+        shown = json.dumps(pv["value"])
+    elif pv["codec"] == "pickle":
+        shown = pv.get("repr", pv.get("undecodable"))
+    else:
+        shown = repr(pv["text"]) if pv["text"] is not None else "0x" + pv["hex"]
+    print(f"{'payload':<10}  ({pv['codec']}) {shown}")
+    owner = info["owner"]
+    if owner:
+        print(f"{'owner':<10}  pid {owner.get('pid')} on {owner.get('host')}, heartbeat "
+              f"{owner.get('heartbeat')}, {'alive' if owner.get('alive') else 'gone'}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .. import benchmark
 
@@ -512,10 +707,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("dump", help="one line per WAL record")
     s.add_argument("dir")
-    s.add_argument("--from-lsn", type=int, default=0)
-    s.add_argument("--to-lsn", type=int, default=None)
+    s.add_argument("--from-lsn", type=_lsn, default=0)
+    s.add_argument("--to-lsn", type=_lsn, default=None)
     s.add_argument("--key-prefix", default=None)
-    s.add_argument("--type", action="append", help="PUT, DELETE, BATCH (repeatable)")
+    s.add_argument("--type", action="append", type=_record_type,
+                   help="PUT, DELETE, BATCH, SESSION, SHUTDOWN (repeatable)")
     s.add_argument("--json", action="store_true", help="JSON lines")
     s.set_defaults(func=cmd_dump)
 
@@ -547,9 +743,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("doctor", help="pre-flight checks: path, permissions, space, "
                        "filesystem, lock, LMDB map, .broken files, WAL, archive")
     s.add_argument("dir")
-    s.add_argument("--max-wal-size", type=int, default=None, help="bytes (default: the "
-                   "engine's default)")
-    s.add_argument("--map-size", type=int, default=None, help="bytes")
+    s.add_argument("--max-wal-size", type=_byte_size, default=None, help="bytes (default: "
+                   "the engine's default)")
+    s.add_argument("--map-size", type=_byte_size, default=None, help="bytes")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_doctor)
 
@@ -577,7 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeline", type=int, default=None, help="the history to restore "
                    "(default: the newest; see `walstate archive ls`)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--to-lsn", type=int, default=None, help="stop after this LSN exactly")
+    g.add_argument("--to-lsn", type=_lsn, default=None, help="stop after this LSN exactly")
     g.add_argument("--to-time", default=None, help="epoch seconds or ISO 8601: every write "
                    "acknowledged at or before T - archive_interval, none acknowledged after T")
     s.add_argument("--json", action="store_true")
@@ -626,6 +822,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", default=None, help="where to put the files (default: a temp dir)")
     s.set_defaults(func=cmd_bench)
 
+    s = sub.add_parser("tasks", help="task states: counts by status, list, show one, retry "
+                       "FAILED ones (read-only except retry)")
+    s.add_argument("dir")
+    s.add_argument("action", nargs="?", default="counts",
+                   choices=["counts", "list", "show", "retry"])
+    s.add_argument("ids", nargs="*", metavar="ID", help="show: one task id; retry: task ids")
+    s.add_argument("--status", default=None, help="counts/list: only this status")
+    s.add_argument("--limit", type=int, default=None, help="list: at most this many")
+    s.add_argument("--all", action="store_true", help="retry: every FAILED task")
+    s.add_argument("--raw", action="store_true", help="show/list: do not decode payloads "
+                   "(a pickle payload is decoded by unpickling it)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_tasks)
+
     s = sub.add_parser("demo", help="the crash-and-resume demonstration", add_help=False)
     s.add_argument("rest", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_demo)
@@ -634,8 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _run(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own options (and --help)
         from .. import demo
 
@@ -645,12 +854,45 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return crashtest_main(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad usage: a message and exit 2
+    import lmdb
+
     try:
         return int(args.func(args) or 0)
-    except (WalStateError, OSError, ValueError) as exc:
-        print(f"walstate {args.command}: {exc}", file=sys.stderr)
+    except BrokenPipeError:
+        raise
+    except (WalStateError, OSError, ValueError, lmdb.Error) as exc:
+        # a failure the command reports: one line, exit 1 (no traceback)
+        print(f"walstate {args.command}: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if not isinstance(exc, (WalStateError, OSError)):
+        text = f"{type(exc).__name__}: {text}"  # e.g. lmdb.DiskError: what LMDB said
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Exit codes: 0 success, 1 a failure the command reports,
+    2 bad usage; 141 (as SIGPIPE) when stdout is closed early (``| head``),
+    quietly; 130 on Ctrl-C."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        rc = _run(argv)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # the reader went away: stop quietly, as Unix tools do; stdout goes to
+        # /dev/null so that the interpreter's last flush does not complain again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+        return 128 + 13
     except KeyboardInterrupt:
         return 130
 

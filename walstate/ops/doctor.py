@@ -13,7 +13,7 @@ from .._opening import unmarked_state
 from ..archive import read_status
 from ..config import Config
 from ..errors import WalStateError
-from ..layout import MARKER, Layout, lock_is_held, read_lock_holder, read_marker
+from ..layout import FORMAT_VERSION, MARKER, Layout, lock_is_held, read_lock_holder, read_marker
 from .repair import broken_files
 
 NETWORK_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "glusterfs", "lustre",
@@ -83,6 +83,10 @@ def _check_path(lay: Layout) -> Check:
                 return Check("path", "WARN", f"{lay.root} exists, is not empty and is not a "
                              "walstate directory (open creates a database beside its files)")
             return Check("path", "OK", f"{lay.root} exists (empty: open creates a database)")
+        if marker["format_version"] != FORMAT_VERSION:
+            return Check("path", "FAIL", f"{lay.marker} says format version "
+                         f"{marker['format_version']}; this walstate reads version "
+                         f"{FORMAT_VERSION} (open refuses it)")
         return Check("path", "OK", f"{lay.root} is a walstate directory (system_id "
                      f"{marker['system_id']})")
     if os.path.exists(lay.root):
@@ -201,12 +205,32 @@ def _check_wal(lay: Layout) -> Check:
         found = [f for f in diagnose(lay.root) if f.kind not in ("locked", "old_damage")]
     except (WalStateError, OSError) as exc:
         return Check("wal", "FAIL", str(exc))
+    end = os.path.join(lay.wal, "END")
+    if not found and os.path.lexists(end) and not os.path.isfile(end):
+        return Check("wal", "WARN", f"the log reads cleanly, but {end} is not a file: "
+                     "walstate leaves it alone, and a clean close cannot leave its end "
+                     "hint there (the next open reads the whole newest segment)")
     if not found:
         return Check("wal", "OK", "the log reads cleanly from the checkpoint on")
     f = found[0]
     if f.kind == "torn_tail":
         return Check("wal", "WARN", f.detail + " (the next open cuts it)")
     return Check("wal", "FAIL", f"{f.kind}: {f.detail} (see `walstate repair`)")
+
+
+def _check_open(lay: Layout, cfg: Config) -> Check:
+    """What an open would say: a read-only open (it changes no file) runs the
+    checks and the recovery a writer's open runs."""
+    if read_marker(lay) is None:
+        return Check("open", "OK", "no database yet")
+    import walstate
+
+    try:
+        with walstate.open(lay.root, read_only=True, map_size=cfg.map_size) as db:
+            rec = db.info()["recovery"]
+    except (WalStateError, OSError) as exc:
+        return Check("open", "FAIL", f"open refuses it: {exc}")
+    return Check("open", "OK", f"opens: {rec['records_replayed']} record(s) to replay")
 
 
 def _check_archive(lay: Layout) -> Check:
@@ -245,6 +269,7 @@ def run_checks(path: str, config: Config | None = None) -> list[Check]:
         ("lmdb_map", lambda: _check_map(lay, cfg)),
         ("broken_files", lambda: _check_broken(lay)),
         ("wal", lambda: _check_wal(lay)),
+        ("open", lambda: _check_open(lay, cfg)),
         ("archive", lambda: _check_archive(lay)),
     ]
     out = []

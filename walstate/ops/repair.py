@@ -95,6 +95,13 @@ def _classify(end: LogEnd, wal_dir: str) -> Finding | None:
                        f"{end.found_system_id}, not to this directory",
                        f"move {name}{later} aside (renamed .broken)", end.later_segments > 0,
                        end.path, end.segment, 0, end.expected_lsn)
+    if end.missing_segment or end.bad_last or end.rc == lib.WAL_ESHORT:
+        fix = ("give it back its recorded size (zero-filled)" if end.rc == lib.WAL_ESHORT
+               else "rewrite wal/LAST")
+        return Finding("corruption", end.describe(),
+                       f"keep the log up to LSN {end.last_lsn}: cut at offset {end.offset} of "
+                       f"{os.path.basename(end.cut_path)}{later} and {fix}", True,
+                       end.cut_path, end.segment, end.offset, end.expected_lsn)
     if end.rc == lib.WAL_ECORRUPT and end.offset == 0 and end.segment > end.expected_lsn:
         return Finding("gap", f"WAL segment(s) holding LSNs {end.expected_lsn}.."
                        f"{end.segment - 1} are missing: the log jumps from LSN "
