@@ -152,6 +152,11 @@ int wal_reader_open(const char *dir, uint64_t system_id, uint64_t from_lsn, wal_
                                 from_lsn up to the hinted end (records before it
                                 are then not validated) and the end is taken as
                                 clean without reading the zero tail */
+#define WAL_READ_COPY 2u     /* the log is a copy whose newest segment was cut at the
+                                end of its records (a backup, pieces from an
+                                archive): its being shorter than its header
+                                records is not WAL_ESHORT; the caller checks the
+                                log reaches the LSN the copy recorded */
 
 /* wal_reader_open with flags (WAL_READ_*). Never changes a file. */
 int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn, unsigned flags,

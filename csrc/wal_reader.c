@@ -35,6 +35,7 @@ struct wal_reader {
     uint64_t base;   /* file offset of buf[0] */
     int loaded;
     int use_hint;    /* hint holds a wal/END that names the newest segment */
+    int copy;        /* WAL_READ_COPY: the newest segment may be cut at its records' end */
     end_hint_t hint;
     uint64_t hint_start_lsn; /* LSN of buf[0] in the hinted segment */
     seg_header_t hdr;
@@ -95,7 +96,7 @@ static int classify_stop(wal_reader_t *r)
      * leaves the newest one shorter: a copy or a truncate cut it, and records
      * may be missing with nothing else to say so. (An earlier segment cut short
      * shows in the next one's prev_lsn.) */
-    if (last && r->file_size < r->hdr.segment_size) {
+    if (last && r->file_size < r->hdr.segment_size && !r->copy) {
         stop(r, WAL_END_ERROR, WAL_ESHORT, r->off);
         return 0;
     }
@@ -250,6 +251,7 @@ int wal_reader_open_flags(const char *dir, uint64_t system_id, uint64_t from_lsn
     snprintf(r->dir, sizeof r->dir, "%s", dir);
     r->system_id = system_id;
     r->from_lsn = from_lsn;
+    r->copy = (flags & WAL_READ_COPY) != 0;
     /* LAST before the listing: a writer publishes LAST only once the segment
      * it names has its name (renamed, directory fsynced), and the newest
      * segment is never removed, so every segment LAST named when it was read

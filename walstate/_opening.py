@@ -20,6 +20,7 @@ import logging
 import mmap
 import os
 import time
+from typing import Any
 
 from . import _hooks
 from .errors import ConfigError, CorruptionError, MismatchError, WalStateError
@@ -32,12 +33,13 @@ from .layout import (
     DirLock,
     Layout,
     check_access,
+    copy_end,
     fsync_dir,
     make_dirs,
     write_marker,
 )
 from .snapshot import META_CHECKPOINT, Snapshot
-from .wal import WalReader, list_segments
+from .wal import WalReader, finish_copy, list_segments
 
 log = logging.getLogger("walstate")
 
@@ -183,3 +185,20 @@ def _snapshot_has_data(lay: Layout, map_size: int, read_only: bool = False) -> b
         return snap.entries() > 0 or bool(meta and meta.get("lsn"))
     finally:
         snap.close()
+
+
+def check_copy(lay: Layout, rec: Any, *, read_only: bool) -> None:
+    """A directory made by ``walstate backup`` holds a copy of the log cut at the
+    end of its records (layout.copy_end): replay read it as such, so here it
+    must reach the LSN the backup recorded, or records are missing. Opened for
+    writing, the copy becomes a live log (wal.finish_copy)."""
+    want = copy_end(lay.root)
+    if want is None:
+        return
+    if rec.last_lsn < want:
+        raise CorruptionError(
+            f"{lay.root} is a backup holding writes up to LSN {want} ({lay.backup_label}), "
+            f"but its WAL ends after LSN {rec.last_lsn}: records are missing (a partial "
+            "copy of the backup?)", path=lay.wal, lsn=rec.last_lsn + 1)
+    if not read_only and rec.end is not None:
+        finish_copy(lay.wal, rec.end)

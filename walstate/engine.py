@@ -233,6 +233,7 @@ class Engine:
         else:
             rec = replay(lay.wal, system_id=self.system_id, snapshot_lsn=snap_lsn,
                          mode=cfg.recovery, read_only=ro)
+        _opening.check_copy(lay, rec, read_only=ro)
         _hooks.hit("recovery_after_replay")
         self._recovery = rec.report
         self._active = rec.table

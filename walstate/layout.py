@@ -167,6 +167,23 @@ def read_json(path: str) -> dict | None:
     return out if isinstance(out, dict) else None
 
 
+def copy_end(root: str) -> int | None:
+    """The LSN a backup's copy of the log reaches, or None for a live directory.
+
+    ``walstate backup`` copies the newest segment only up to the end of its
+    records (not the preallocated zeros after them), so that segment is
+    shorter than its header records, which in a live directory only a partial
+    copy or a truncate can do. BACKUP_LABEL (kind "backup") says the directory
+    is such a copy and records the LSN its log must reach."""
+    label = read_json(os.path.join(root, BACKUP_LABEL))
+    if not label or label.get("kind") != "backup":
+        return None
+    try:
+        return int(label.get("lsn") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def write_marker(layout: Layout, system_id: int) -> dict:
     marker = {"format_version": FORMAT_VERSION, "system_id": system_id,
               "created_at": time.time()}

@@ -15,6 +15,7 @@ from typing import Any
 
 from ._native import ffi, lib, raise_for
 from .errors import ClosedError, CorruptionError
+from .layout import copy_end
 
 SEGMENT_SUFFIX = ".seg"
 
@@ -329,13 +330,21 @@ class WalReader:
     ``end_hint``: use wal/END (the end a clean close recorded) when it matches
     the log, reading the newest segment only from the last record known at or
     below ``from_lsn`` to that end: for recovery, not for verification (records
-    before that point are not checked, nor the zero tail)."""
+    before that point are not checked, nor the zero tail).
+
+    ``copy``: the log is a copy whose newest segment was cut at the end of its
+    records (a backup, pieces from an archive), so its being shorter than its
+    header records is no error; the caller checks that the log reaches the LSN
+    the copy recorded. ``None``: a copy if the directory holding ``wal_dir`` is
+    one made by ``walstate backup`` (layout.copy_end)."""
 
     def __init__(self, wal_dir: str, system_id: int = 0, from_lsn: int = 0, *,
-                 end_hint: bool = False) -> None:
+                 end_hint: bool = False, copy: bool | None = None) -> None:
         self.dir = wal_dir
         out = ffi.new("wal_reader_t **")
-        flags = lib.WAL_READ_END_HINT if end_hint else 0
+        if copy is None:
+            copy = copy_end(os.path.dirname(os.path.abspath(wal_dir))) is not None
+        flags = (lib.WAL_READ_END_HINT if end_hint else 0) | (lib.WAL_READ_COPY if copy else 0)
         rc = lib.wal_reader_open_flags(os.fsencode(wal_dir), system_id, from_lsn, flags, out)
         raise_for(rc, "opening the write-ahead log for reading", wal_dir)
         self._r = out[0]
@@ -432,6 +441,24 @@ def cut(wal_dir: str, segment: int, offset: int) -> int:
     rc = lib.wal_cut(os.fsencode(wal_dir), segment, offset, out)
     raise_for(rc, "cutting the write-ahead log", wal_dir)
     return out[0]
+
+
+def finish_copy(wal_dir: str, end: LogEnd) -> bool:
+    """Makes a log that was read as a copy (``WalReader(copy=True)``) a live
+    one, once it ended cleanly: its newest segment, copied only up to the end
+    of its records, gets the size its header records back (wal.cut at that end
+    zero-fills it), so the writer appends into it and no later read takes it
+    for a segment cut short. Returns whether it had to."""
+    if end.status != "clean" or not end.segment or end.offset <= lib.WAL_SEG_HDR_SIZE:
+        return False
+    path = os.path.join(wal_dir, segment_name(end.segment))
+    with open(path, "rb") as f:
+        header = f.read(lib.WAL_SEG_HDR_SIZE)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < 48 or size >= int.from_bytes(header[40:48], "little"):
+        return False
+    cut(wal_dir, end.segment, end.offset)
+    return True
 
 
 def crc32c(data: bytes, crc: int = 0) -> int:

@@ -32,6 +32,9 @@ BAD = {
     "max_recovery_seconds": [*[v for v in NUMBER_BAD if v is not None], 0, -1, 1e12],
     "wal_buffer_size": [*INT_BAD, 0, 1 << 40],
     "archive_dir": ["", 5, b"/tmp/x", "a\0b", True],
+    "archive": ["", 5, b"/tmp/x", "a\0b", True, "s3://", "s3:///x", "ftp://x/y", "s3://B_ad/x"],
+    "archive_interval": [*NUMBER_BAD, 0, -1, 1e6],
+    "archive_backup_bytes": [*[v for v in INT_BAD if v is not None], 0],
     "max_archive_lag_bytes": [v for v in INT_BAD if v is not None],
     "slow_fsync_seconds": [*NUMBER_BAD, -1, 1e10],
 }

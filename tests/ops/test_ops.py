@@ -575,6 +575,23 @@ def test_backup_copies_the_log_only_to_its_end(tmp_path: Path) -> None:
     assert wal < 2 << 20, wal  # not the preallocated 16 MiB
     with walstate.open(bk, read_only=True) as b:
         assert state(b) == model
+    assert run("verify", str(bk)).returncode == 0
+    # the backup's own record of its end catches a copy of it cut shorter still
+    cut_copy = tmp_path / "cut"
+    shutil.copytree(bk, cut_copy)
+    _f, tail = list_segments(cut_copy / "wal")[-1]
+    os.truncate(tail, os.path.getsize(tail) - 500)
+    with pytest.raises(walstate.CorruptionError, match="records are missing|torn"):
+        walstate.open(cut_copy, read_only=True, recovery="strict")
+    # opened for writing, the backup becomes a live directory: the newest
+    # segment gets its size back and the writer appends into it
+    with walstate.open(bk) as b:
+        assert state(b) == model
+        b.put(b"after", b"1")
+    _f, tail = list_segments(bk / "wal")[-1]
+    assert os.path.getsize(tail) == 16 << 20
+    with walstate.open(bk, read_only=True) as b:
+        assert b.get(b"after") == b"1"
 
 
 def test_backup_while_writer_process_writes(tmp_path: Path) -> None:

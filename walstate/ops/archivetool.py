@@ -305,8 +305,9 @@ def _assemble(plan: _Plan, wal_dir: str, above: int, target: int | None,
 
 
 def _scan(wal_dir: str, system_id: int, from_lsn: int) -> Any:
-    """Reads the whole log (C reader, every CRC); returns its LogEnd."""
-    with WalReader(wal_dir, system_id, from_lsn) as r:
+    """Reads the whole log assembled from archived pieces (C reader, every
+    CRC; its newest segment ends where its records do); returns its LogEnd."""
+    with WalReader(wal_dir, system_id, from_lsn, copy=True) as r:
         for _batch in r.iter_arrays():
             pass
         return r.end
@@ -456,10 +457,9 @@ def _restore_once(store: Store, dest: str, to_lsn: int | None, to_time: float | 
         if lsn < base_lsn:
             raise CorruptionError(f"the base backup's WAL is damaged ({why}) at {end.path} "
                                   f"offset {end.offset}", path=end.path, offset=end.offset)
-        if end.path:
-            bk._cut_quietly(dl.wal, end.segment, end.offset)  # noqa: SLF001
         notes.append(f"the archive's WAL stops continuing at LSN {lsn}: {why} in "
                      f"{os.path.basename(end.path)} at offset {end.offset}")
+    bk.finish_copied_log(dl.wal, end)
     if to_lsn is not None and lsn < to_lsn:
         raise WalStateError(f"the backup and archive reach only LSN {lsn}, below --to-lsn {to_lsn}"
                             + (f" ({notes[-1]})" if notes else ""))
@@ -494,7 +494,7 @@ def _cut_at(wal_dir: str, system_id: int, from_lsn: int, target: int) -> None:
     from . import backup as bk
 
     found = None
-    with WalReader(wal_dir, system_id, target + 1) as r:
+    with WalReader(wal_dir, system_id, target + 1, copy=True) as r:
         for rec in r:
             found = (rec.segment, rec.offset)
             break

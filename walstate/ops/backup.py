@@ -58,7 +58,7 @@ from ..layout import (
     write_atomic,
 )
 from ..snapshot import Snapshot
-from ..wal import LogEnd, WalReader, cut, list_segments, segment_name
+from ..wal import LogEnd, WalReader, cut, finish_copy, list_segments, segment_name
 from .progress import Progress
 
 log = logging.getLogger("walstate")
@@ -114,11 +114,13 @@ def _fsync_file(path: str) -> None:
 
 
 def _read_to_end(wal_dir: str, system_id: int, from_lsn: int,
-                 stop_above: int | None = None) -> tuple[LogEnd | None, int, Any]:
+                 stop_above: int | None = None, *,
+                 copy: bool | None = None) -> tuple[LogEnd | None, int, Any]:
     """Reads the log; returns (end, last LSN read, first record above
-    ``stop_above`` or None). end is None when stopped at that record."""
+    ``stop_above`` or None). end is None when stopped at that record.
+    ``copy``: as WalReader's (True for a log this module is assembling)."""
     last = 0
-    with WalReader(wal_dir, system_id, from_lsn) as r:
+    with WalReader(wal_dir, system_id, from_lsn, copy=copy) as r:
         for rec in r:
             if stop_above is not None and rec.lsn > stop_above:
                 return None, last, rec
@@ -136,6 +138,19 @@ def _cut_quietly(wal_dir: str, segment: int, offset: int) -> int:
             os.unlink(os.path.join(wal_dir, name))
     fsync_dir(wal_dir)
     return n
+
+
+def finish_copied_log(wal_dir: str, end: LogEnd) -> None:
+    """Makes a log assembled from copies (a restore) a live one: cut where
+    reading stopped when it did not end cleanly; and the newest segment, copied
+    only up to the end of its records, gets the size its header records back
+    (wal.cut zero-fills it), so that the writer appends into it and a later
+    read finds no segment cut short."""
+    if end.status != "clean":
+        if end.path:
+            _cut_quietly(wal_dir, end.segment, end.offset)
+        return
+    finish_copy(wal_dir, end)
 
 
 # ---- backup -------------------------------------------------------------------
@@ -214,7 +229,7 @@ def _backup_once(src: Layout, dest: str, system_id: int, progress: Progress) -> 
     # the copied log must read cleanly up to its end; only the last segment may
     # have caught the writer mid-record (see module doc)
     for _ in range(TAIL_RECOPIES):
-        end, _last, _rec = _read_to_end(dl.wal, system_id, snap_lsn + 1)
+        end, _last, _rec = _read_to_end(dl.wal, system_id, snap_lsn + 1, copy=True)
         assert end is not None
         if end.status == "error" and end.segment == last_first and end.offset > 0 and \
                 os.path.exists(last_src):
@@ -233,7 +248,10 @@ def _backup_once(src: Layout, dest: str, system_id: int, progress: Progress) -> 
                               "`walstate verify` on it", path=end.path, offset=end.offset,
                               lsn=end.expected_lsn)
     if end.status == "torn":
-        _cut_quietly(dl.wal, end.segment, end.offset)
+        # the backup's newest segment, a copy: it ends where its records do
+        tail = os.path.join(dl.wal, segment_name(end.segment))
+        os.truncate(tail, end.offset)
+        _fsync_file(tail)
         notes.append(f"the log was copied while being written: cut after LSN {end.last_lsn}")
     lsn = max(end.last_lsn, snap_lsn)
     fsync_dir(dl.wal)
@@ -404,7 +422,7 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
         added += 1
     # read the assembled log; cut at the target, or where the archive stops
     # continuing it (a gap, a foreign or damaged archived segment)
-    end, last, above = _read_to_end(dl.wal, system_id, snap_lsn + 1, to_lsn)
+    end, last, above = _read_to_end(dl.wal, system_id, snap_lsn + 1, to_lsn, copy=True)
     if above is not None:
         _cut_quietly(dl.wal, above.segment, above.offset)
         lsn = to_lsn
@@ -420,9 +438,9 @@ def _restore(bl: Layout, dest: str, system_id: int, label: dict, archive_dir: st
                                       f"{end.path or bl.wal} offset {end.offset}: run "
                                       "`walstate verify` on the backup",
                                       path=end.path or bl.wal, offset=end.offset)
-            _cut_quietly(dl.wal, end.segment, end.offset)
             notes.append(f"the WAL ends at LSN {lsn}: {why} in {os.path.basename(end.path)} "
                          f"at offset {end.offset}")
+        finish_copied_log(dl.wal, end)
         if to_lsn is not None and lsn < to_lsn:
             raise WalStateError(f"the backup and archive reach only LSN {lsn}, below "
                                 f"--to-lsn {to_lsn}" + (f" ({notes[-1]})" if notes else ""))
